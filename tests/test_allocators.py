@@ -1,0 +1,164 @@
+"""Allocators (DESIGN §5): the exact KKT thresholds, and each allocator on the planner."""
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from sb3_hatrpo.allocators import (
+    ALLOCATORS,
+    BaseAllocator,
+    GreedyAllocator,
+    KKTAllocator,
+    UniformAllocator,
+    kkt_thresholds,
+    make_allocator,
+)
+from tests.problems import make_problem, planner_for
+
+
+def objective(potentials: np.ndarray, thresholds: np.ndarray) -> float:
+    return float(np.sum(potentials * np.sqrt(2 * thresholds)))
+
+
+def slsqp_thresholds(potentials: np.ndarray, total: float, floor: float) -> np.ndarray:
+    n = len(potentials)
+    best = None
+    for start in (np.full(n, total / n), potentials**2 / np.sum(potentials**2) * total):
+        start = np.maximum(start, floor)
+        start = start * total / start.sum()
+        res = minimize(
+            lambda d: -objective(potentials, np.maximum(d, 0.0)),
+            start,
+            method="SLSQP",
+            bounds=[(floor, total)] * n,
+            constraints=[{"type": "eq", "fun": lambda d: d.sum() - total}],
+            options={"ftol": 1e-14, "maxiter": 1000},
+        )
+        if best is None or -res.fun > -best.fun:
+            best = res
+    return best.x
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("floor_fraction", [0.0, 0.3, 0.8])
+def test_kkt_thresholds_are_feasible_and_optimal(seed, floor_fraction):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 8))
+    # spread potentials over orders of magnitude so floors become active
+    potentials = np.exp(rng.normal(0.0, 1.5, n))
+    total = float(rng.uniform(0.005, 0.1))
+    floor = floor_fraction * total / n
+    thresholds = kkt_thresholds(potentials, total, floor)
+    assert thresholds.sum() == pytest.approx(total, rel=1e-12)
+    assert np.all(thresholds >= floor - 1e-15)
+    reference = slsqp_thresholds(potentials, total, floor)
+    ours, theirs = objective(potentials, thresholds), objective(potentials, reference)
+    assert ours >= theirs * (1 - 1e-6)
+
+
+def test_kkt_floor_becomes_active_for_small_potentials():
+    thresholds = kkt_thresholds([3.0, 2.0, 0.01], total_kl=0.03, min_kl=0.002)
+    assert thresholds[2] == pytest.approx(0.002)
+    # the free agents split the rest in proportion to c^2
+    assert thresholds[0] / thresholds[1] == pytest.approx(9 / 4)
+    assert thresholds.sum() == pytest.approx(0.03)
+    # a much stronger first agent pushes the second onto the floor too
+    np.testing.assert_allclose(kkt_thresholds([10.0, 1.0, 0.01], 0.03, 0.002), [0.026, 0.002, 0.002])
+
+
+def test_kkt_without_floor_is_proportional_to_squared_potentials():
+    c = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(kkt_thresholds(c, 0.14), 0.14 * c**2 / np.sum(c**2))
+
+
+def test_kkt_equal_potentials_give_equal_thresholds():
+    np.testing.assert_allclose(kkt_thresholds([0.7, 0.7, 0.7, 0.7], 0.04, 0.001), np.full(4, 0.01))
+
+
+def test_kkt_one_agent_gets_the_whole_budget():
+    assert kkt_thresholds([0.3], 0.05).tolist() == [0.05]
+    assert kkt_thresholds([0.0], 0.05, 0.05).tolist() == [0.05]
+
+
+def test_kkt_all_zero_potentials_split_uniformly():
+    np.testing.assert_allclose(kkt_thresholds([0.0, 0.0, 0.0], 0.03), np.full(3, 0.01))
+
+
+@pytest.mark.parametrize(
+    ("potentials", "total", "floor", "match"),
+    [
+        ([1.0, np.nan], 0.1, 0.0, "finite"),
+        ([1.0, -0.1], 0.1, 0.0, "non-negative"),
+        ([1.0, 1.0], 0.0, 0.0, "total_kl"),
+        ([1.0, 1.0], 0.1, 0.06, "infeasible floor"),
+    ],
+)
+def test_kkt_thresholds_reject_bad_input(potentials, total, floor, match):
+    with pytest.raises(ValueError, match=match):
+        kkt_thresholds(potentials, total, floor)
+
+
+# ------------------------------------------------------------- allocators
+@pytest.mark.parametrize(
+    "allocator",
+    [
+        UniformAllocator(),
+        UniformAllocator(pass_unused_budget=True),
+        KKTAllocator(),
+        KKTAllocator(0.0, True, 0.5),
+        GreedyAllocator(),
+    ],
+    ids=["uniform", "uniform-pass", "kkt", "kkt-options", "greedy"],
+)
+def test_every_allocator_keeps_each_step_and_the_total_inside_the_budget(allocator):
+    for seed in range(3):
+        planner = planner_for(make_problem(n_agents=3, seed=seed), total_kl=0.03)
+        results = allocator.update_agents(planner, np.random.default_rng(seed))
+        assert sorted(r.agent for r in results) == planner.agents
+        for r in results:
+            if r.accepted:
+                assert r.kl <= r.threshold
+        assert sum(r.kl for r in results) <= planner.total_kl * (1 + 1e-9)
+
+
+def test_uniform_threshold_is_the_per_agent_share_and_order_is_random():
+    orders = set()
+    for seed in range(8):
+        planner = planner_for(make_problem(n_agents=3, seed=0), total_kl=0.03)
+        results = UniformAllocator().update_agents(planner, np.random.default_rng(seed))
+        assert [r.threshold for r in results] == pytest.approx([0.01] * 3)
+        orders.add(tuple(r.agent for r in results))
+    assert len(orders) > 1
+
+
+def test_kkt_orders_by_potential_and_feeds_the_strong_agent():
+    # make_problem weights agent i's action by (i + 1): agent_2 matters most
+    planner = planner_for(make_problem(n_agents=3, seed=0), total_kl=0.03)
+    results = KKTAllocator(min_kl_fraction=0.1).update_agents(planner, np.random.default_rng(0))
+    assert results[0].agent == "agent_2"
+    thresholds = {r.agent: r.threshold for r in results}
+    assert thresholds["agent_2"] > thresholds["agent_1"] > thresholds["agent_0"]
+
+
+def test_every_allocator_gives_a_single_agent_the_whole_budget():
+    for name in ("uniform", "kkt", "greedy"):
+        planner = planner_for(make_problem(n_agents=1, seed=0), total_kl=0.02)
+        results = make_allocator(name).update_agents(planner, np.random.default_rng(0))
+        assert results[0].threshold == pytest.approx(0.02)
+
+
+def test_make_allocator_names_aliases_and_errors():
+    assert isinstance(make_allocator("hatrpo"), UniformAllocator)
+    assert isinstance(make_allocator("W"), KKTAllocator)
+    assert isinstance(make_allocator("g"), GreedyAllocator)
+    assert make_allocator("kkt", {"min_kl_fraction": 0.2}).min_kl_fraction == 0.2
+    custom = GreedyAllocator(eps=1e-3)
+    assert make_allocator(custom) is custom
+    with pytest.raises(ValueError, match=r"Valid names: .*greedy.*kkt.*uniform"):
+        make_allocator("ppo")
+    with pytest.raises(ValueError, match="Bad allocator_kwargs"):
+        make_allocator("greedy", {"min_kl_fraction": 0.1})
+    with pytest.raises(ValueError, match="min_kl_fraction"):
+        KKTAllocator(min_kl_fraction=2.0)
+    assert set(ALLOCATORS) >= {"uniform", "hatrpo", "kkt", "w", "greedy", "g"}
+    assert issubclass(KKTAllocator, BaseAllocator)

@@ -1,0 +1,153 @@
+"""The trust-region step of one agent (DESIGN §4): KL, CG direction, line search, factor M."""
+
+import math
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import (
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    MultiCategoricalDistribution,
+)
+from torch.nn.utils import parameters_to_vector
+
+from sb3_hatrpo.allocators import UniformAllocator
+from sb3_hatrpo.policies import Actor
+from sb3_hatrpo.trust_region import mean_kl
+from tests.problems import make_problem, planner_for
+
+
+# --------------------------------------------------------------------- KL
+def test_kl_of_diagonal_gaussians_matches_closed_form():
+    m1, m2 = th.tensor([[0.0, 1.0], [0.5, -0.5]]), th.tensor([[0.3, 0.7], [0.0, 0.0]])
+    log_s1, log_s2 = th.tensor([0.1, -0.4]), th.tensor([-0.2, 0.3])
+    old = DiagGaussianDistribution(2).proba_distribution(m1, log_s1)
+    new = DiagGaussianDistribution(2).proba_distribution(m2, log_s2)
+    s1, s2 = log_s1.exp(), log_s2.exp()
+    closed = (th.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5).sum(dim=1)
+    alive = th.tensor([1.0, 1.0])
+    assert mean_kl(old, new, alive).item() == pytest.approx(closed.mean().item(), rel=1e-6)
+    # samples where the agent did not act do not count
+    assert mean_kl(old, new, th.tensor([1.0, 0.0])).item() == pytest.approx(closed[0].item(), rel=1e-6)
+
+
+def test_kl_of_categoricals_matches_closed_form():
+    p_logits, q_logits = th.tensor([[0.0, 1.0, -1.0]]), th.tensor([[0.5, 0.0, 0.2]])
+    old = CategoricalDistribution(3).proba_distribution(p_logits)
+    new = CategoricalDistribution(3).proba_distribution(q_logits)
+    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+    closed = (p * (p / q).log()).sum()
+    assert mean_kl(old, new, th.ones(1)).item() == pytest.approx(closed.item(), rel=1e-6)
+
+    # MultiDiscrete: the KL of independent sub-actions adds up
+    multi_old = MultiCategoricalDistribution([3, 3]).proba_distribution(th.cat([p_logits, q_logits], dim=1))
+    multi_new = MultiCategoricalDistribution([3, 3]).proba_distribution(th.cat([q_logits, q_logits], dim=1))
+    assert mean_kl(multi_old, multi_new, th.ones(1)).item() == pytest.approx(closed.item(), rel=1e-6)
+
+
+# -------------------------------------------------------------- direction
+def test_conjugate_gradient_direction_matches_a_direct_solve():
+    problem = make_problem(n_agents=1, net_arch=(4,))
+    actor, obs, alive = problem[0]["agent_0"], problem[1]["agent_0"], problem[3]["agent_0"]
+    damping = 0.1
+    theta_old = parameters_to_vector(actor.parameters()).detach().clone()
+    n_params = theta_old.numel()
+    planner = planner_for(problem, cg_max_steps=4 * n_params, cg_damping=damping)
+    direction = planner.direction("agent_0")
+
+    # The damped Fisher matrix written out: the Hessian of the mean KL at the old parameters.
+    with th.no_grad():
+        old = actor.distribution(obs)
+    wrapped = _DistributionOf(actor)
+
+    def kl_of_theta(theta: th.Tensor) -> th.Tensor:
+        return mean_kl(old, th.func.functional_call(wrapped, _unflatten(actor, theta), (obs,)), alive)
+
+    fisher = th.autograd.functional.hessian(kl_of_theta, theta_old) + damping * th.eye(n_params)
+    expected = th.linalg.solve(fisher, direction.gradient)
+    assert th.allclose(direction.direction, expected, rtol=1e-3, atol=1e-5)
+    assert direction.curvature == pytest.approx(float(expected @ fisher @ expected), rel=1e-3)
+    # potential c = g^T x / sqrt(x^T F x) = sqrt(g^T F^-1 g) when CG converges
+    assert direction.potential == pytest.approx(math.sqrt(float(direction.gradient @ expected)), rel=1e-3)
+
+
+class _DistributionOf(th.nn.Module):
+    """Wraps an actor so functional_call returns its distribution."""
+
+    def __init__(self, actor: Actor) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, obs: th.Tensor):
+        return self.actor.distribution(obs)
+
+
+def _unflatten(actor: Actor, theta: th.Tensor) -> dict[str, th.Tensor]:
+    chunks, start = {}, 0
+    for name, p in actor.named_parameters():
+        chunks[f"actor.{name}"] = theta[start : start + p.numel()].view(p.shape)
+        start += p.numel()
+    return chunks
+
+
+# ------------------------------------------------------------------- step
+@pytest.mark.parametrize(
+    "action_space",
+    [spaces.Box(-1.0, 1.0, (2,), np.float32), spaces.Discrete(4), spaces.MultiDiscrete([3, 2])],
+    ids=["box", "discrete", "multidiscrete"],
+)
+@pytest.mark.parametrize("threshold", [1e-4, 1e-2, 0.1])
+def test_accepted_steps_respect_their_threshold(action_space, threshold):
+    problem = make_problem(action_space=action_space, seed=3)
+    planner = planner_for(problem)
+    for agent in planner.agents:
+        result = planner.step(planner.direction(agent), threshold)
+        if result.accepted:
+            assert result.kl <= threshold
+            assert planner.kl_of(agent) == pytest.approx(result.kl, rel=1e-5, abs=1e-9)
+            assert result.improvement > 0
+        else:
+            assert planner.kl_of(agent) == 0.0
+
+
+def test_uncommitted_step_measures_and_restores():
+    problem = make_problem(seed=1)
+    planner = planner_for(problem)
+    before = parameters_to_vector(problem[0]["agent_0"].parameters()).clone()
+    result = planner.step(planner.direction("agent_0"), 0.01, commit=False)
+    assert result.accepted and result.kl > 0
+    assert th.equal(parameters_to_vector(problem[0]["agent_0"].parameters()), before)
+    assert planner.factor_version == 0
+
+
+def test_predicted_improvement_is_potential_times_sqrt_two_delta():
+    planner = planner_for(make_problem(seed=2))
+    direction = planner.direction("agent_1")
+    result = planner.step(direction, 0.005)
+    assert result.predicted_improvement == pytest.approx(direction.potential * math.sqrt(2 * 0.005))
+    # A small step: the first-order prediction is close to the actual improvement.
+    assert result.accepted
+    assert result.improvement == pytest.approx(result.predicted_improvement * result.step_fraction, rel=0.3)
+
+
+def test_factor_is_the_product_of_the_updated_agents_ratios():
+    problem = make_problem(n_agents=3, seed=4)
+    advantages = problem[4]
+    planner = planner_for(problem, total_kl=0.03)
+    results = UniformAllocator().update_agents(planner, np.random.default_rng(0))
+    assert sum(r.accepted for r in results) >= 2
+    expected = advantages.clone()
+    for result in results:
+        if result.accepted:
+            expected = expected * planner.log_ratio_of(result.agent).exp()
+    assert th.allclose(planner.factor, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_moved_agents_stale_direction_is_refused():
+    planner = planner_for(make_problem(seed=5))
+    stale = planner.direction("agent_1")
+    assert planner.step(planner.direction("agent_0"), 0.01).accepted
+    with pytest.raises(RuntimeError, match="recompute"):
+        planner.step(stale, 0.01)
