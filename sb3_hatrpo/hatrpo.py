@@ -381,7 +381,7 @@ class HATRPO(OnPolicyAlgorithm):
             self.logger.record(prefix + "accepted", float(record["accepted"]))
             log_std = self.policy.actors[record["agent"]].log_std
             if log_std is not None:
-                self.logger.record(prefix + "std", float(log_std.exp().mean()))
+                self.logger.record(prefix + "std", float(log_std.detach().exp().mean()))
         self.logger.record("train/kl_budget", budget)
         self.logger.record("train/total_kl", spent)
         self.logger.record("train/kl_spent_fraction", spent / budget)
