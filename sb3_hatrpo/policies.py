@@ -85,6 +85,7 @@ class Actor(nn.Module):
         self.mlp_extractor = MlpExtractor(features_dim, dict(pi=net_arch, vf=[]), activation_fn)
         self.action_dist = make_proba_distribution(action_space)
         self.log_std: nn.Parameter | None = None
+        self._multi_discrete = isinstance(action_space, spaces.MultiDiscrete)
         if isinstance(self.action_dist, DiagGaussianDistribution):
             self.action_net, self.log_std = self.action_dist.proba_distribution_net(
                 latent_dim=self.mlp_extractor.latent_dim_pi, log_std_init=log_std_init
@@ -112,6 +113,23 @@ class Actor(nn.Module):
 
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
         return self.distribution(obs).get_actions(deterministic=deterministic)
+
+    def sample(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+        """Actions from the same distribution as :meth:`distribution`, without building distribution objects.
+
+        The rollout hot path: one MLP pass and one draw. Gaussian: ``mean + std * N(0, 1)``;
+        categorical: a draw from the softmax of each set of logits.
+        """
+        features = preprocess_obs(obs, self.observation_space).flatten(start_dim=1).float()
+        out = self.action_net(self.mlp_extractor.policy_net(features))
+        if self.log_std is not None:
+            return out if deterministic else out + self.log_std.exp() * th.randn_like(out)
+        logits = out.split(list(self.action_space.nvec), dim=1) if self._multi_discrete else (out,)
+        if deterministic:
+            picks = [chunk.argmax(dim=1) for chunk in logits]
+        else:
+            picks = [th.multinomial(chunk.softmax(dim=1), 1).squeeze(1) for chunk in logits]
+        return th.stack(picks, dim=1) if self._multi_discrete else picks[0]
 
 
 class CentralCritic(nn.Module):
@@ -222,7 +240,7 @@ class HATRPOPolicy(BasePolicy):
         The rollout hot loop: one forward pass per agent, no validation.
         """
         return {
-            agent: actor(th.as_tensor(observations[agent], device=self.device), deterministic).cpu().numpy()
+            agent: actor.sample(th.as_tensor(observations[agent], device=self.device), deterministic).cpu().numpy()
             for agent, actor in self.actors.items()
         }
 
