@@ -1,6 +1,5 @@
 """Shared test set-up: one torch thread, and every file a run writes kept in pytest's tmp dir."""
 
-
 import pytest
 import torch
 

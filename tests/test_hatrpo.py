@@ -26,11 +26,11 @@ class LeavingEnv(ParallelEnv):
         self.agents: list[str] = []
         self.t = 0
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - PettingZoo's own examples cache spaces this way
+    @functools.cache  # noqa: B019 - PettingZoo's own examples cache spaces this way
     def observation_space(self, agent: str) -> spaces.Box:
         return spaces.Box(-1.0, 1.0, (2,), np.float32)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019
+    @functools.cache  # noqa: B019
     def action_space(self, agent: str) -> spaces.Space:
         return spaces.Box(-1.0, 1.0, (1,), np.float32) if agent == "stayer" else spaces.Discrete(2)
 
@@ -234,7 +234,7 @@ def test_bad_hyperparameters_fail_before_any_work():
         HATRPO("MlpPolicy", "games:climbing", total_kl=-1.0)
     with pytest.raises(ValueError, match=r"n_steps \* n_envs = 1 \* 1 < 2"):
         HATRPO("MlpPolicy", "games:climbing", n_steps=1)
-    with pytest.raises(ValueError, match="Unknown allocator 'ppo'. Valid names"):
+    with pytest.raises(ValueError, match=r"Unknown allocator 'ppo'\. Valid names"):
         HATRPO("MlpPolicy", "games:climbing", allocator="ppo")
     with pytest.raises(ValueError, match="Unknown policy"):
         HATRPO("CnnPolicy", "games:climbing")
@@ -245,7 +245,7 @@ def test_bad_envs_are_named():
 
     with pytest.raises(ValueError, match="mamujoco:"):
         HATRPO("MlpPolicy", "HalfCheetah-v5")
-    with pytest.raises(TypeError, match="CartPole|TimeLimit|gymnasium"):
+    with pytest.raises(TypeError, match=r"CartPole|TimeLimit|gymnasium"):
         HATRPO("MlpPolicy", gym.make("CartPole-v1"))
     from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 
