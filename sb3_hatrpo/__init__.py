@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from sb3_hatrpo.allocators import BaseAllocator, GreedyAllocator, KKTAllocator, UniformAllocator, kkt_thresholds
+from sb3_hatrpo.evaluation import evaluate_policy
 from sb3_hatrpo.hatrpo import HATRPO
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
@@ -19,6 +20,7 @@ __all__ = [
     "MultiAgentVecEnv",
     "UniformAllocator",
     "__version__",
+    "evaluate_policy",
     "kkt_thresholds",
     "make_vec_env",
 ]

@@ -432,6 +432,9 @@ class HATRPO(OnPolicyAlgorithm):
         os.close(fd)
         try:
             super().save(tmp_name, exclude=exclude, include=include)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; a saved model is an ordinary file
             os.replace(tmp_name, target)
         except BaseException:
             pathlib.Path(tmp_name).unlink(missing_ok=True)
