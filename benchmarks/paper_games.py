@@ -31,7 +31,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 
 from sb3_hatrpo import HATRPO
-from sb3_hatrpo.envs.games import differential_reward
+from sb3_hatrpo.envs.games import climbing_game, differential_reward, penalty_game
 
 RESULTS = Path(__file__).parent / "results" / "paper_games.jsonl"
 DOCS = Path(__file__).parent.parent / "docs"
@@ -81,6 +81,23 @@ class MeanActionRecorder(BaseCallback):
         return True
 
 
+def settled_iteration(rewards: np.ndarray, maximum: float) -> int | None:
+    """First iteration from which the return stays at >= 99% of the maximum (None if it never settles there)."""
+    below = np.flatnonzero(rewards < 0.99 * maximum)
+    if below.size == 0:
+        return 0
+    return None if below[-1] == len(rewards) - 1 else int(below[-1] + 1)
+
+
+def trajectory_rewards(record: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """Returns of the deterministic joint action at every iteration of a stored run, and the game's maximum."""
+    played = np.array(record["trajectory"])
+    if record["game"] == "differential":
+        return differential_reward(played), GLOBAL_MAX
+    game = climbing_game() if record["game"] == "climbing" else penalty_game()
+    return game.payoff[played[:, 0].astype(int), played[:, 1].astype(int)], float(game.payoff.max())
+
+
 def run_one(game: str, variant: str, seed: int, init_action: float, init_std: float) -> dict[str, Any]:
     allocator, allocator_kwargs = VARIANTS[variant]
     env_kwargs = {"init_action": init_action} if game == "differential" else {}
@@ -111,7 +128,6 @@ def run_one(game: str, variant: str, seed: int, init_action: float, init_std: fl
         played = actions.astype(int)
         rewards = payoff[played[:, 0], played[:, 1]]
         maximum = float(payoff.max())
-    reached = np.flatnonzero(rewards >= 0.99 * maximum)
     model.env.close()  # type: ignore[union-attr]
     return {
         "game": game,
@@ -121,7 +137,7 @@ def run_one(game: str, variant: str, seed: int, init_action: float, init_std: fl
         "init_std": init_std,
         "final_return": float(rewards[-1]),
         "global": bool(rewards[-1] >= 0.99 * maximum),
-        "iterations_to_99": int(reached[0]) if reached.size else None,
+        "iterations_to_99": settled_iteration(rewards, maximum),
         "kl_fraction": float(np.mean(recorder.kl_fractions)) if recorder.kl_fractions else None,
         "trajectory": played.tolist(),
     }
@@ -158,7 +174,8 @@ def table(records: list[dict[str, Any]], variants: list[str]) -> str:
     order = {v: i for i, v in enumerate(variants)}
     for (game, start, std, variant), rs in sorted(groups.items(), key=lambda kv: (*kv[0][:3], order.get(kv[0][3], 99))):
         finals = np.array([r["final_return"] for r in rs])
-        hits = [r["iterations_to_99"] for r in rs if r["iterations_to_99"] is not None]
+        settled = [settled_iteration(*trajectory_rewards(r)) for r in rs]
+        hits = [i for i in settled if i is not None]
         kl = [r["kl_fraction"] for r in rs if r["kl_fraction"] is not None]
         start_cell = f"{start}" if game == "differential" else "-"
         std_cell = f"{std}" if game == "differential" else "-"
