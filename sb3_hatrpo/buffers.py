@@ -65,6 +65,11 @@ class RolloutData:
     returns: th.Tensor
 
 
+def _shape(space: spaces.Space) -> tuple[int, ...]:
+    assert space.shape is not None, f"{space} has no fixed shape"
+    return space.shape
+
+
 class MultiAgentRolloutBuffer:
     """Fixed-size storage of one rollout of a ``MultiAgentVecEnv``.
 
@@ -96,10 +101,10 @@ class MultiAgentRolloutBuffer:
         self.gae_lambda = gae_lambda
         self.device = th.device(device)
         shape = (buffer_size, n_envs)
-        self.observations = {a: np.zeros(shape + observation_space[a].shape, dtype=np.float32) for a in self.agents}
+        self.observations = {a: np.zeros(shape + _shape(observation_space[a]), dtype=np.float32) for a in self.agents}
         self.actions = {
             a: np.zeros(
-                shape + action_space[a].shape,
+                shape + _shape(action_space[a]),
                 dtype=np.float32 if isinstance(action_space[a], spaces.Box) else np.int64,
             )
             for a in self.agents

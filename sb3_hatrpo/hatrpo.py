@@ -81,7 +81,7 @@ class HATRPO(OnPolicyAlgorithm):
     policy_aliases: ClassVar[dict[str, type[HATRPOPolicy]]] = {"MlpPolicy": MlpPolicy}  # type: ignore[assignment]
     policy: HATRPOPolicy  # type: ignore[assignment]
     rollout_buffer: MultiAgentRolloutBuffer  # type: ignore[assignment]
-    env: MultiAgentVecEnv | None  # type: ignore[assignment]
+    env: MultiAgentVecEnv | None
 
     def __init__(
         self,
@@ -128,7 +128,7 @@ class HATRPO(OnPolicyAlgorithm):
             env = self._to_vec_env(env, n_envs=n_envs, seed=seed, vec_env_cls=vec_env_cls, env_kwargs=env_kwargs)
 
         super().__init__(
-            policy,
+            policy,  # type: ignore[arg-type]  # HATRPOPolicy is not an ActorCriticPolicy
             env,
             learning_rate=learning_rate,
             n_steps=n_steps,
@@ -379,7 +379,7 @@ class HATRPO(OnPolicyAlgorithm):
             for key in ("threshold", "kl", "improvement", "predicted_improvement", "position", "potential"):
                 self.logger.record(prefix + key, record[key])
             self.logger.record(prefix + "accepted", float(record["accepted"]))
-            log_std = self.policy.actors[record["agent"]].log_std
+            log_std = self.policy.actor(record["agent"]).log_std
             if log_std is not None:
                 self.logger.record(prefix + "std", float(log_std.detach().exp().mean()))
         self.logger.record("train/kl_budget", budget)
@@ -392,7 +392,7 @@ class HATRPO(OnPolicyAlgorithm):
         )
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
-    def learn(  # type: ignore[override]
+    def learn(
         self: SelfHATRPO,
         total_timesteps: int,
         callback: MaybeCallback = None,
@@ -441,7 +441,7 @@ class HATRPO(OnPolicyAlgorithm):
             raise
 
     @classmethod
-    def load(  # type: ignore[override]
+    def load(
         cls: type[SelfHATRPO],
         path: str | pathlib.Path | io.BufferedIOBase,
         env: Any = None,
@@ -494,7 +494,7 @@ class HATRPO(OnPolicyAlgorithm):
         if env is not None:
             model._last_states = None
             model._last_alive = None
-        return model  # type: ignore[return-value]
+        return model
 
 
 def check_agent_spaces(
@@ -502,7 +502,7 @@ def check_agent_spaces(
 ) -> None:
     """Raise ``ValueError`` naming the agent whose spaces differ between a saved model and ``env``."""
     saved_agents = list(observation_space.spaces)
-    env_agents = list(env.observation_space.spaces)  # type: ignore[attr-defined]
+    env_agents = list(env.observation_space.spaces)
     missing = [a for a in saved_agents if a not in env_agents]
     extra = [a for a in env_agents if a not in saved_agents]
     if missing or extra:
@@ -512,8 +512,8 @@ def check_agent_spaces(
         )
     for agent in saved_agents:
         for kind, saved, current in (
-            ("observation", observation_space[agent], env.observation_space[agent]),  # type: ignore[index]
-            ("action", action_space[agent], env.action_space[agent]),  # type: ignore[index]
+            ("observation", observation_space[agent], env.observation_space[agent]),
+            ("action", action_space[agent], env.action_space[agent]),
         ):
             if saved != current:
                 raise ValueError(f"Agent {agent!r}: the env's {kind} space {current} differs from the model's {saved}")

@@ -85,16 +85,23 @@ class Actor(nn.Module):
         self.mlp_extractor = MlpExtractor(features_dim, dict(pi=net_arch, vf=[]), activation_fn)
         self.action_dist = make_proba_distribution(action_space)
         self.log_std: nn.Parameter | None = None
-        self._multi_discrete = isinstance(action_space, spaces.MultiDiscrete)
+        # split sizes of the logits of a MultiDiscrete action, None otherwise
+        self._nvec = [int(n) for n in action_space.nvec] if isinstance(action_space, spaces.MultiDiscrete) else None
         if isinstance(self.action_dist, DiagGaussianDistribution):
             self.action_net, self.log_std = self.action_dist.proba_distribution_net(
                 latent_dim=self.mlp_extractor.latent_dim_pi, log_std_init=log_std_init
             )
         else:
+            assert isinstance(self.action_dist, CategoricalDistribution | MultiCategoricalDistribution)
             self.action_net = self.action_dist.proba_distribution_net(latent_dim=self.mlp_extractor.latent_dim_pi)
         if ortho_init:
             self.mlp_extractor.apply(lambda m: BasePolicy.init_weights(m, gain=np.sqrt(2)))
             self.action_net.apply(lambda m: BasePolicy.init_weights(m, gain=0.01))
+
+    def _features(self, obs: th.Tensor) -> th.Tensor:
+        features = preprocess_obs(obs, self.observation_space)
+        assert isinstance(features, th.Tensor)  # Dict observations are rejected when the env is checked
+        return features.flatten(start_dim=1).float()
 
     def distribution(self, obs: th.Tensor) -> Distribution:
         """A fresh SB3 distribution for a batch of observations ``(n, *obs_shape)``.
@@ -102,7 +109,7 @@ class Actor(nn.Module):
         SB3's distribution objects are stateful, so each call returns its own copy: a
         distribution kept as "old policy" is never overwritten by a later call.
         """
-        features = preprocess_obs(obs, self.observation_space).flatten(start_dim=1).float()
+        features = self._features(obs)
         latent = self.mlp_extractor.forward_actor(features)
         dist = copy.copy(self.action_dist)
         if isinstance(dist, DiagGaussianDistribution):
@@ -120,16 +127,16 @@ class Actor(nn.Module):
         The rollout hot path: one MLP pass and one draw. Gaussian: ``mean + std * N(0, 1)``;
         categorical: a draw from the softmax of each set of logits.
         """
-        features = preprocess_obs(obs, self.observation_space).flatten(start_dim=1).float()
+        features = self._features(obs)
         out = self.action_net(self.mlp_extractor.policy_net(features))
         if self.log_std is not None:
             return out if deterministic else out + self.log_std.exp() * th.randn_like(out)
-        logits = out.split(list(self.action_space.nvec), dim=1) if self._multi_discrete else (out,)
+        logits = out.split(self._nvec, dim=1) if self._nvec is not None else (out,)
         if deterministic:
             picks = [chunk.argmax(dim=1) for chunk in logits]
         else:
             picks = [th.multinomial(chunk.softmax(dim=1), 1).squeeze(1) for chunk in logits]
-        return th.stack(picks, dim=1) if self._multi_discrete else picks[0]
+        return th.stack(picks, dim=1) if self._nvec is not None else picks[0]
 
 
 class CentralCritic(nn.Module):
@@ -175,6 +182,9 @@ class HATRPOPolicy(BasePolicy):
     :param optimizer_kwargs: extra critic optimiser arguments
     """
 
+    observation_space: spaces.Dict
+    action_space: spaces.Dict
+
     def __init__(
         self,
         observation_space: spaces.Dict,
@@ -213,7 +223,9 @@ class HATRPOPolicy(BasePolicy):
             }
         )
         self.critic = CentralCritic(int(np.prod(state_space.shape)), vf_arch, activation_fn, ortho_init)
-        self.optimizer = self.optimizer_class(self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
+            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -229,6 +241,12 @@ class HATRPOPolicy(BasePolicy):
         )
         return data
 
+    def actor(self, agent: str) -> Actor:
+        """The actor of ``agent`` (typed access to ``actors``)."""
+        actor = self.actors[agent]
+        assert isinstance(actor, Actor)
+        return actor
+
     def predict_values(self, states: th.Tensor) -> th.Tensor:
         """Critic output for global states ``(n, state_dim)``."""
         return self.critic(states)
@@ -240,8 +258,11 @@ class HATRPOPolicy(BasePolicy):
         The rollout hot loop: one forward pass per agent, no validation.
         """
         return {
-            agent: actor.sample(th.as_tensor(observations[agent], device=self.device), deterministic).cpu().numpy()
-            for agent, actor in self.actors.items()
+            agent: self.actor(agent)
+            .sample(th.as_tensor(observations[agent], device=self.device), deterministic)
+            .cpu()
+            .numpy()
+            for agent in self.agents
         }
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
@@ -280,7 +301,7 @@ class HATRPOPolicy(BasePolicy):
             for agent, obs in observation.items():
                 obs_array = np.asarray(obs)
                 obs_space = self.observation_space[agent]
-                expected = obs_space.shape
+                expected = obs_space.shape or ()
                 if obs_array.shape == expected:
                     batched = False
                     obs_array = obs_array[None]
@@ -291,7 +312,7 @@ class HATRPOPolicy(BasePolicy):
                         f"predict(): observation of agent {agent!r} has shape {obs_array.shape}; "
                         f"expected {expected} (one env) or (n, {', '.join(map(str, expected))}) (batched)"
                     )
-                action = self.actors[agent](th.as_tensor(obs_array, device=self.device), deterministic).cpu().numpy()
+                action = self.actor(agent)(th.as_tensor(obs_array, device=self.device), deterministic).cpu().numpy()
                 action_space = self.action_space[agent]
                 if isinstance(action_space, spaces.Box):
                     action = np.clip(action, action_space.low, action_space.high).astype(action_space.dtype)

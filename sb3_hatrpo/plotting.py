@@ -1,0 +1,265 @@
+"""Plots of training runs (matplotlib, Agg backend: no display needed).
+
+* :func:`plot_learning_curves`: evaluation return over timesteps, mean +- std over seeds, one curve
+  per group of runs (by default, per allocator), from each run's ``evaluations.npz``.
+* :func:`plot_kl_allocation`: per-agent KL thresholds and realised KL (and improvement, update
+  position) over training, from a run's ``progress.csv`` (``train/<agent>/threshold`` ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "find_runs",
+    "group_runs",
+    "load_evaluations",
+    "plot_kl_allocation",
+    "plot_learning_curves",
+    "read_progress",
+]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_evaluations(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Timesteps and mean evaluation return of a run (``evaluations.npz``, as SB3's ``EvalCallback`` writes).
+
+    Evaluations at the same timestep (the final evaluation after the last update) keep the last one.
+
+    :param run: the run folder or the ``.npz`` file
+    :raises FileNotFoundError: if there is no ``evaluations.npz``
+    """
+    path = Path(run)
+    if path.is_dir():
+        path = path / "evaluations.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"No evaluations.npz in {path.parent} (train with evaluation to get one)")
+    with np.load(path) as data:
+        timesteps = np.asarray(data["timesteps"], dtype=float)
+        results = np.asarray(data["results"], dtype=float)
+    means = results.reshape(len(timesteps), -1).mean(axis=1) if len(timesteps) else np.zeros(0)
+    last: dict[float, float] = {}
+    for t, m in zip(timesteps, means):
+        last[float(t)] = float(m)
+    steps = np.array(sorted(last))
+    return steps, np.array([last[t] for t in steps])
+
+
+def read_progress(path: str | Path) -> dict[str, np.ndarray]:
+    """The columns of an SB3 ``progress.csv`` as float arrays (NaN where a row has no value).
+
+    :param path: the run folder or the ``progress.csv``
+    :raises FileNotFoundError: if there is no ``progress.csv``
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "progress.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"No progress.csv in {path.parent} (the train command writes one)")
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    columns: dict[str, np.ndarray] = {}
+    for key in rows[0].keys() if rows else []:
+        values = []
+        for row in rows:
+            try:
+                values.append(float(row.get(key) or "nan"))
+            except ValueError:
+                values.append(math.nan)
+        columns[key] = np.asarray(values)
+    return columns
+
+
+def find_runs(log_folder: str | Path, env_id: str) -> list[Path]:
+    """The run folders of ``env_id`` under ``<log_folder>/hatrpo``, by experiment id."""
+    from sb3_hatrpo.zoo.utils import ALGO, env_folder_name
+
+    prefix = env_folder_name(env_id) + "_"
+    root = Path(log_folder) / ALGO
+    runs = [p for p in root.glob(f"{prefix}*") if p.is_dir() and p.name[len(prefix) :].isdigit()]
+    return sorted(runs, key=lambda p: int(p.name[len(prefix) :]))
+
+
+def _run_args(run: Path) -> dict[str, Any]:
+    import yaml
+
+    for args_file in run.glob("*/args.yml"):
+        with open(args_file) as file:
+            data = yaml.safe_load(file)
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def group_runs(runs: Iterable[str | Path], by: str = "allocator") -> dict[str, list[Path]]:
+    """Group run folders into curves: by a key of their ``args.yml`` (``allocator``, ``env`` ...) or ``run``.
+
+    :param runs: run folders
+    :param by: the ``args.yml`` key, or ``"run"`` for one curve per run
+    """
+    groups: dict[str, list[Path]] = {}
+    for run in map(Path, runs):
+        label = run.name if by == "run" else str(_run_args(run).get(by, "?"))
+        groups.setdefault(label, []).append(run)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std of curves on the timesteps where all of them are defined (linear interpolation)."""
+    if len(curves) == 1:
+        steps, values = curves[0]
+        return steps, values, np.zeros_like(values)
+    start = max(c[0][0] for c in curves)
+    end = min(c[0][-1] for c in curves)
+    grid = np.unique(np.concatenate([c[0] for c in curves]))
+    grid = grid[(grid >= start) & (grid <= end)]
+    if grid.size == 0:  # runs that do not overlap: compare by evaluation index instead
+        n = min(len(c[0]) for c in curves)
+        stacked = np.stack([c[1][:n] for c in curves])
+        return np.mean(np.stack([c[0][:n] for c in curves]), axis=0), stacked.mean(axis=0), stacked.std(axis=0)
+    stacked = np.stack([np.interp(grid, steps, values) for steps, values in curves])
+    return grid, stacked.mean(axis=0), stacked.std(axis=0)
+
+
+def plot_learning_curves(
+    groups: Mapping[str, Sequence[str | Path]] | Sequence[str | Path],
+    output: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Evaluation return over timesteps, mean +- std over the runs (seeds) of each group.
+
+    :param groups: ``{label: [run folders]}``, or a list of run folders (grouped by allocator)
+    :param output: the PNG to write
+    :param title: the figure title
+    :return: the written file
+    :raises FileNotFoundError: if a run has no ``evaluations.npz``
+    :raises ValueError: if there are no runs
+    """
+    if not isinstance(groups, Mapping):
+        groups = group_runs(groups)
+    if not groups or not any(groups.values()):
+        raise ValueError("No runs to plot")
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label, runs in groups.items():
+        curves = [load_evaluations(run) for run in runs]
+        curves = [c for c in curves if len(c[0])]
+        if not curves:
+            continue
+        steps, mean, std = _mean_std(curves)
+        (line,) = axis.plot(steps, mean, marker="o" if len(steps) < 20 else None, label=f"{label} (n={len(curves)})")
+        axis.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axis.set_xlabel("timesteps")
+    axis.set_ylabel("evaluation return (deterministic)")
+    axis.set_title(title or "Learning curves (mean ± std over seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, output, plt)
+
+
+def plot_kl_allocation(run: str | Path, output: str | Path | None = None, title: str | None = None) -> Path:
+    """Per-agent KL thresholds and realised KL over training; improvement and update position below.
+
+    :param run: a run folder or its ``progress.csv``
+    :param output: the PNG to write (default ``<run>/kl_allocation.png``)
+    :param title: the figure title
+    :return: the written file
+    :raises FileNotFoundError: without ``progress.csv``
+    :raises ValueError: if the log holds no ``train/<agent>/threshold`` column (no iteration logged yet)
+    """
+    run = Path(run)
+    columns = read_progress(run)
+    agents = sorted(
+        key[len("train/") : -len("/threshold")]
+        for key in columns
+        if key.startswith("train/") and key.endswith("/threshold")
+    )
+    if not agents:
+        raise ValueError(f"No train/<agent>/threshold columns in {run}: no training iteration was logged yet")
+    rows, x, x_label = _iteration_rows(columns, f"train/{agents[0]}/threshold")
+    plt = _pyplot()
+    figure, (ax_kl, ax_imp, ax_pos) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, agent in enumerate(agents):
+        color = colors[i % len(colors)]
+        ax_kl.plot(x, columns[f"train/{agent}/threshold"][rows], color=color, label=f"{agent} threshold")
+        if f"train/{agent}/kl" in columns:
+            ax_kl.plot(x, columns[f"train/{agent}/kl"][rows], color=color, linestyle="--", label=f"{agent} KL")
+        if f"train/{agent}/improvement" in columns:
+            ax_imp.plot(x, columns[f"train/{agent}/improvement"][rows], color=color, label=agent)
+        if f"train/{agent}/position" in columns:
+            ax_pos.step(x, columns[f"train/{agent}/position"][rows], color=color, where="post", label=agent)
+    for key, style, label in (("train/kl_budget", ":", "joint budget"), ("train/total_kl", "-.", "total KL")):
+        if key in columns:
+            ax_kl.plot(x, columns[key][rows], color="black", linestyle=style, label=label)
+    ax_kl.set_ylabel("KL")
+    ax_kl.set_title(title or f"KL allocation per agent ({run.name if run.is_dir() else run.parent.name})")
+    ax_kl.legend(fontsize="small", ncol=2)
+    ax_imp.set_ylabel("surrogate improvement")
+    ax_imp.legend(fontsize="small")
+    ax_pos.set_ylabel("update position")
+    ax_pos.set_xlabel(x_label)
+    ax_pos.set_yticks(range(len(agents)))
+    for axis in (ax_kl, ax_imp, ax_pos):
+        axis.grid(alpha=0.3)
+    default = (run if run.is_dir() else run.parent) / "kl_allocation.png"
+    return _save(figure, output or default, plt)
+
+
+def _iteration_rows(columns: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Rows holding each iteration's ``train/`` records once, and their x: the timesteps trained on.
+
+    SB3 dumps the logger before ``train()``, so a row's ``time/total_timesteps`` is a later rollout's;
+    ``train/n_updates`` times the rollout size (total timesteps / iterations) is the iteration's own.
+    """
+    n = len(columns[key])
+    has = ~np.isnan(columns[key])
+    updates = columns.get("train/n_updates")
+    if updates is None or np.isnan(updates[has]).any():
+        x = columns.get("time/total_timesteps", np.arange(n, dtype=float))
+        return np.flatnonzero(has), x[has], "timesteps"
+    last_row: dict[float, int] = {}
+    for row in np.flatnonzero(has):
+        last_row[float(updates[row])] = int(row)  # the final evaluation's dump repeats the last iteration
+    rows = np.array([last_row[u] for u in sorted(last_row)], dtype=int)
+    x = np.array(sorted(last_row))
+    steps, iterations = columns.get("time/total_timesteps"), columns.get("time/iterations")
+    if steps is not None and iterations is not None:
+        both = ~np.isnan(steps) & ~np.isnan(iterations) & (iterations > 0)
+        if both.any():
+            per_iteration = float(np.median(steps[both] / iterations[both]))
+            return rows, x * per_iteration, "timesteps"
+    return rows, x, "iteration"
+
+
+def _save(figure: Any, output: str | Path, plt: Any) -> Path:
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return output
