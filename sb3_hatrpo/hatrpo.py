@@ -54,6 +54,11 @@ class HATRPO(OnPolicyAlgorithm):
     :param gamma: discount factor
     :param cg_max_steps: conjugate-gradient iterations for each search direction
     :param cg_damping: damping added to the Fisher matrix, ``F + cg_damping * I``
+    :param krylov_rtol: when KKT or greedy recompute an agent's direction after another agent
+        moved (``M`` changed, the agent's Fisher matrix did not), start from the Galerkin projection
+        on the Krylov basis of its earlier solves (no Fisher-vector product) and add CG steps only
+        while the relative residual ``||g - F x|| / ||g||`` exceeds ``krylov_rtol``. ``None``
+        recomputes every direction from scratch. No effect on the uniform allocator.
     :param line_search_shrinking_factor: step-size factor ``beta`` of the backtracking line search
     :param line_search_max_iter: step sizes tried by the line search
     :param n_critic_updates: critic epochs per rollout
@@ -93,6 +98,7 @@ class HATRPO(OnPolicyAlgorithm):
         gamma: float = 0.99,
         cg_max_steps: int = 15,
         cg_damping: float = 0.1,
+        krylov_rtol: float | None = 0.05,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
         n_critic_updates: int = 10,
@@ -150,6 +156,7 @@ class HATRPO(OnPolicyAlgorithm):
         self.batch_size = batch_size
         self.cg_max_steps = cg_max_steps
         self.cg_damping = cg_damping
+        self.krylov_rtol = krylov_rtol
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
         self.n_critic_updates = n_critic_updates
@@ -367,6 +374,7 @@ class HATRPO(OnPolicyAlgorithm):
             cg_damping=self.cg_damping,
             line_search_shrinking_factor=self.line_search_shrinking_factor,
             line_search_max_iter=self.line_search_max_iter,
+            krylov_rtol=self.krylov_rtol,
         )
         results = self.allocator.update_agents(planner, self._order_rng)
         self.last_allocation = [result.as_record(position) for position, result in enumerate(results)]

@@ -12,8 +12,13 @@ update, HATRPO's sequential correction, Kuba et al. 2022, Eq. 11):
 * backtracking line search on ``s, beta s, beta^2 s, ...``: the first step with
   ``KL <= delta`` and a positive actual improvement is accepted, else nothing changes.
 
-An allocator (``sb3_hatrpo.allocators``) decides thresholds and order through
-:class:`TrustRegionPlanner`'s ``direction`` and ``step``.
+KKT and greedy recompute a waiting agent's direction after another agent moved (``M``
+changed, so ``g`` did; the agent's Fisher matrix ``F`` did not). With ``krylov_rtol`` set the
+recomputation starts from what the agent's earlier solves built: the Galerkin projection of
+the new ``g`` onto the span of every vector ``v`` whose product ``F v`` is already known (the
+Krylov basis), which costs no Fisher-vector product. Conjugate gradient continues on the
+remaining residual only while ``||g - F x||`` is above ``krylov_rtol * ||g||`` (and above
+what the agent's first, cold solve reached). ``krylov_rtol=None`` solves from scratch.
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ class _AgentData:
         # Gradient of the KL with its graph, reused by every Fisher-vector product and by
         # every direction computed for this agent until it moves.
         self._grad_kl: th.Tensor | None = None
+        # Every v with its product (F + damping I) v: the Krylov basis later solves start from.
+        self.krylov_vectors: list[th.Tensor] = []
+        self.krylov_products: list[th.Tensor] = []
+        self.cold_residual: float | None = None  # ||g - F x|| the first solve of this agent reached
 
     def kl(self, distribution: Distribution) -> th.Tensor:
         return mean_kl(self.old_distribution, distribution, self.alive)
@@ -120,9 +129,33 @@ class _AgentData:
         return self._grad_kl
 
     def fisher_vector_product(self, vector: th.Tensor, damping: float) -> th.Tensor:
-        """``(Hessian of KL at theta_old + damping I) v``, never forming the matrix."""
-        product = flat_grad(self.grad_kl() @ vector, self.params, retain_graph=True)
-        return product + damping * vector
+        """``(Hessian of KL at theta_old + damping I) v``, never forming the matrix; recorded for reuse."""
+        product = flat_grad(self.grad_kl() @ vector, self.params, retain_graph=True) + damping * vector
+        self.krylov_vectors.append(vector.detach().clone())
+        self.krylov_products.append(product.detach())
+        return product
+
+    def galerkin(self, gradient: th.Tensor) -> tuple[th.Tensor, th.Tensor] | None:
+        """``(x0, F x0)``: the solution of ``F x = g`` restricted to the recorded Krylov basis.
+
+        ``x0 = Q (Q^T F Q)^-1 Q^T g`` with ``Q`` an orthonormal basis of the recorded vectors; its
+        product with ``F`` is a combination of the recorded products, so this costs no new product.
+        ``None`` if the projected system cannot be solved (the caller then solves from scratch).
+        """
+        vectors = th.stack(self.krylov_vectors, dim=1)
+        products = th.stack(self.krylov_products, dim=1)
+        u, sigma, vh = th.linalg.svd(vectors, full_matrices=False)
+        keep = sigma > sigma[0] * 1e-6  # drop directions the recorded vectors do not really span
+        basis = u[:, keep]
+        basis_products = products @ (vh[keep].T / sigma[keep])
+        gram = basis.T @ basis_products
+        try:
+            coefficients = th.linalg.solve(0.5 * (gram + gram.T), basis.T @ gradient)
+        except RuntimeError:  # torch.linalg.LinAlgError: a singular projected system
+            return None
+        if not th.isfinite(coefficients).all():
+            return None
+        return basis @ coefficients, basis_products @ coefficients
 
     def set_params(self, vector: th.Tensor) -> None:
         vector_to_parameters(vector, self.params)
@@ -141,6 +174,9 @@ class TrustRegionPlanner:
     :param cg_damping: ``F + damping I``
     :param line_search_shrinking_factor: ``beta`` of the backtracking line search
     :param line_search_max_iter: step sizes tried before giving up
+    :param krylov_rtol: recomputed directions start from the agent's earlier Krylov basis and add
+        CG steps only while the relative residual ``||g - F x|| / ||g||`` exceeds this (see the module
+        docstring); ``None`` solves every direction from scratch
     """
 
     def __init__(
@@ -156,8 +192,12 @@ class TrustRegionPlanner:
         cg_damping: float = 0.1,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
+        krylov_rtol: float | None = 0.05,
     ) -> None:
+        if krylov_rtol is not None and not krylov_rtol >= 0.0:
+            raise ValueError(f"krylov_rtol must be a non-negative number or None, got {krylov_rtol!r}")
         self.agents = list(actors)
+        self.krylov_rtol = krylov_rtol
         self.total_kl = total_kl
         self.cg_max_steps = cg_max_steps
         self.cg_damping = cg_damping
@@ -187,12 +227,36 @@ class TrustRegionPlanner:
         if not th.isfinite(gradient).all() or gradient.abs().max() == 0:
             zeros = th.zeros_like(gradient)
             return SearchDirection(agent, gradient, zeros, 0.0, 0.0, self.factor_version)
-        direction = conjugate_gradient_solver(fvp, gradient, max_iter=self.cg_max_steps).detach()
-        curvature = float(direction @ fvp(direction).detach())
+        solved = self._reuse_krylov(data, gradient, fvp) if data.cold_residual is not None else None
+        if solved is None:
+            direction = conjugate_gradient_solver(fvp, gradient, max_iter=self.cg_max_steps).detach()
+            product = fvp(direction).detach()
+            data.cold_residual = float(th.linalg.vector_norm(gradient - product))
+        else:
+            direction, product = solved
+        curvature = float(direction @ product)
         if not math.isfinite(curvature) or curvature <= 0.0:
             return SearchDirection(agent, gradient, th.zeros_like(gradient), 0.0, 0.0, self.factor_version)
         potential = max(0.0, float(gradient @ direction)) / math.sqrt(curvature)
         return SearchDirection(agent, gradient, direction, curvature, potential, self.factor_version)
+
+    def _reuse_krylov(
+        self, data: _AgentData, gradient: th.Tensor, fvp: partial[th.Tensor]
+    ) -> tuple[th.Tensor, th.Tensor] | None:
+        """``(x, F x)`` from the agent's Krylov basis and a few more CG steps, or ``None`` to solve cold."""
+        if self.krylov_rtol is None or data.cold_residual is None:
+            return None
+        projected = data.galerkin(gradient)
+        if projected is None:
+            return None
+        start, start_product = projected
+        residual = gradient - start_product
+        tolerance = max(data.cold_residual, self.krylov_rtol * float(th.linalg.vector_norm(gradient)))
+        if float(th.linalg.vector_norm(residual)) <= tolerance:
+            return start, start_product
+        correction = conjugate_gradient_solver(fvp, residual, max_iter=self.cg_max_steps, residual_tol=tolerance**2)
+        direction = (start + correction).detach()
+        return direction, fvp(direction).detach()
 
     def is_current(self, direction: SearchDirection) -> bool:
         """Whether ``direction`` was computed with the current ``M`` (no agent has moved since)."""

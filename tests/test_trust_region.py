@@ -15,7 +15,7 @@ from torch.nn.utils import parameters_to_vector
 
 from sb3_hatrpo.allocators import UniformAllocator
 from sb3_hatrpo.policies import Actor
-from sb3_hatrpo.trust_region import mean_kl
+from sb3_hatrpo.trust_region import TrustRegionPlanner, mean_kl
 from tests.problems import make_problem, planner_for
 
 
@@ -151,3 +151,75 @@ def test_a_moved_agents_stale_direction_is_refused():
     assert planner.step(planner.direction("agent_0"), 0.01).accepted
     with pytest.raises(RuntimeError, match="recompute"):
         planner.step(stale, 0.01)
+
+
+# ----------------------------------------------------------- Krylov reuse
+DAMPING = 1e-3
+
+
+def _recomputed_direction(krylov_rtol, seed=6):
+    """Agent 1's direction after agent 0 moved, and the planner that computed it."""
+    problem = make_problem(n_agents=2, n=512, seed=seed, net_arch=(64, 64))  # CG does not converge in 10 steps
+    # little damping: the Fisher matrix is ill-conditioned, so 10 CG steps do not converge
+    planner = planner_for(problem, cg_max_steps=10, cg_damping=DAMPING, krylov_rtol=krylov_rtol)
+    first = planner.direction("agent_1")  # cold solve, with M = A_hat
+    cold_products = len(planner._data["agent_1"].krylov_products)
+    assert planner.step(planner.direction("agent_0"), 0.01).accepted  # M changes
+    products_before = len(planner._data["agent_1"].krylov_products)
+    recomputed = planner.direction("agent_1")
+    new_products = len(planner._data["agent_1"].krylov_products) - products_before
+    return planner, first, recomputed, new_products, cold_products
+
+
+def _fresh_direction(planner, agent, cg_max_steps):
+    """A from-scratch solve for the planner's current M, on copies of the same actors and data."""
+    data = planner._data[agent]
+    fresh = TrustRegionPlanner(
+        {agent: data.actor},
+        {agent: data.observations},
+        {agent: data.actions},
+        {agent: data.alive},
+        planner.factor,
+        total_kl=planner.total_kl,
+        cg_max_steps=cg_max_steps,
+        cg_damping=DAMPING,
+        krylov_rtol=None,
+    )
+    return fresh.direction(agent), fresh._data[agent]
+
+
+def test_recomputed_direction_reuses_the_krylov_basis_and_meets_its_tolerance():
+    planner, first, reused, new_products, cold_products = _recomputed_direction(krylov_rtol=0.05)
+    assert not th.equal(reused.gradient, first.gradient)  # M changed, so g did
+    # a cold solve costs up to cg_max_steps + 2 Fisher-vector products; the reuse far fewer
+    assert new_products <= cold_products // 2
+    exact, data = _fresh_direction(planner, "agent_1", cg_max_steps=500)
+    residual = reused.gradient - data.fisher_vector_product(reused.direction, damping=DAMPING)
+    assert float(residual.norm()) <= 0.05 * float(reused.gradient.norm()) * 1.001
+    cosine = float(reused.direction @ exact.direction) / float(reused.direction.norm() * exact.direction.norm())
+    assert cosine > 0.99
+    assert reused.potential == pytest.approx(exact.potential, rel=0.01)
+    assert reused.curvature == pytest.approx(
+        float(reused.direction @ data.fisher_vector_product(reused.direction, DAMPING)), rel=1e-4
+    )
+
+
+def test_krylov_rtol_zero_solves_as_accurately_as_the_cold_solve():
+    planner, _, reused, _, _ = _recomputed_direction(krylov_rtol=0.0)
+    data = planner._data["agent_1"]
+    fresh, fresh_data = _fresh_direction(planner, "agent_1", cg_max_steps=10)
+    residual = reused.gradient - fresh_data.fisher_vector_product(reused.direction, damping=DAMPING)
+    fresh_residual = fresh.gradient - fresh_data.fisher_vector_product(fresh.direction, damping=DAMPING)
+    assert float(residual.norm()) <= max(data.cold_residual, float(fresh_residual.norm())) * 1.01
+
+
+def test_without_krylov_reuse_every_direction_is_solved_from_scratch():
+    planner, _, recomputed, new_products, cold_products = _recomputed_direction(krylov_rtol=None)
+    assert new_products == cold_products  # CG's first residual, its steps and the curvature product
+    fresh, _ = _fresh_direction(planner, "agent_1", cg_max_steps=10)
+    assert th.allclose(recomputed.gradient, fresh.gradient)
+
+
+def test_krylov_rtol_must_be_non_negative():
+    with pytest.raises(ValueError, match="krylov_rtol"):
+        planner_for(make_problem(), krylov_rtol=-0.1)

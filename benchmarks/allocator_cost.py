@@ -1,0 +1,186 @@
+"""Wall time of one HATRPO iteration per allocator, side by side on the same rollouts.
+
+Greedy (HATRPO-G) computes ``n (n + 1) / 2`` directions per iteration instead of ``n``
+(DESIGN §5.3) and KKT (HATRPO-W) up to ``2 n - 1``; this benchmark measures what that costs.
+One model (the ``benchmarks/mamujoco.py`` settings) collects a rollout; then every allocator
+runs ``train()`` on that same rollout from the same parameters, interleaved and repeated, so
+machine noise hits all of them alike. It prints, per allocator: update seconds, directions
+computed, conjugate-gradient solves, Fisher-vector products and line-search evaluations per
+iteration, and the iteration wall-time ratio to uniform ``(rollout + update) / (rollout +
+update_uniform)`` — the issue's targets are KKT <= 1.1x and greedy <= 1.3x on 6x1.
+
+    python benchmarks/allocator_cost.py --env mamujoco:HalfCheetah-6x1 --rollouts 3 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch as th
+from stable_baselines3.common.callbacks import CallbackList
+
+from sb3_hatrpo import HATRPO
+from sb3_hatrpo import trust_region as tr
+from sb3_hatrpo.allocators import make_allocator
+
+try:  # run as a script (python benchmarks/allocator_cost.py) or as a module
+    from mamujoco import N_ENVS, SETTINGS  # type: ignore[import-not-found]
+except ImportError:
+    from benchmarks.mamujoco import N_ENVS, SETTINGS
+
+# (allocator, krylov_rtol): the recomputed directions of KKT and greedy with and without Krylov reuse
+VARIANTS: dict[str, tuple[str, float | None]] = {
+    "uniform": ("uniform", 0.05),
+    "kkt": ("kkt", 0.05),
+    "kkt (krylov_rtol=None)": ("kkt", None),
+    "greedy": ("greedy", 0.05),
+    "greedy (krylov_rtol=None)": ("greedy", None),
+}
+
+
+@contextmanager
+def counting(counts: Counter[str]) -> Iterator[None]:
+    """Count directions, CG solves, Fisher-vector products and line-search evaluations."""
+    originals = {
+        "direction": tr.TrustRegionPlanner.direction,
+        "fvp": tr._AgentData.fisher_vector_product,
+        "kl": tr._AgentData.kl,
+    }
+
+    def direction(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["directions"] += 1
+        return originals["direction"](self, *args, **kwargs)
+
+    def fvp(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["fisher_vector_products"] += 1
+        return originals["fvp"](self, *args, **kwargs)
+
+    def kl(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["kl_evaluations"] += 1
+        return originals["kl"](self, *args, **kwargs)
+
+    tr.TrustRegionPlanner.direction = direction  # type: ignore[method-assign]
+    tr._AgentData.fisher_vector_product = fvp  # type: ignore[method-assign]
+    tr._AgentData.kl = kl  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        tr.TrustRegionPlanner.direction = originals["direction"]  # type: ignore[method-assign]
+        tr._AgentData.fisher_vector_product = originals["fvp"]  # type: ignore[method-assign]
+        tr._AgentData.kl = originals["kl"]  # type: ignore[method-assign]
+
+
+def direction_accuracy(model: HATRPO, krylov_rtol: float) -> list[tuple[str, float, float, float]]:
+    """Reused against from-scratch directions on the model's current rollout, after one agent moved.
+
+    Every agent's direction is solved cold with ``M = A_hat``; the agent with the largest potential
+    takes a step; every other agent's direction is then recomputed with Krylov reuse and compared
+    with a 200-step CG solve for the same ``M``. Returns ``(agent, cosine, potential relative error,
+    relative residual)`` per recomputed agent.
+    """
+    data = model.rollout_buffer.get()
+    advantages = (data.advantages - data.advantages.mean()) / (data.advantages.std() + 1e-8)
+    state = copy.deepcopy(model.policy.state_dict())
+
+    def planner(rtol: float | None, cg_max_steps: int) -> tr.TrustRegionPlanner:
+        return tr.TrustRegionPlanner(
+            dict(model.policy.actors.items()),  # type: ignore[arg-type]
+            data.observations,
+            data.actions,
+            data.alive,
+            advantages,
+            total_kl=model.joint_kl_budget,
+            cg_max_steps=cg_max_steps,
+            cg_damping=model.cg_damping,
+            krylov_rtol=rtol,
+        )
+
+    reusing = planner(krylov_rtol, model.cg_max_steps)
+    cold = {agent: reusing.direction(agent) for agent in reusing.agents}
+    first = max(cold, key=lambda agent: cold[agent].potential)
+    reusing.step(cold[first], model.target_kl)
+    rows = []
+    for agent in reusing.agents:
+        if agent == first:
+            continue
+        reused = reusing.direction(agent)
+        exact_planner = planner(None, 200)
+        exact_planner.factor = reusing.factor
+        exact = exact_planner.direction(agent)
+        product = exact_planner._data[agent].fisher_vector_product(reused.direction, model.cg_damping)
+        cosine = float(reused.direction @ exact.direction / (reused.direction.norm() * exact.direction.norm()))
+        error = abs(reused.potential - exact.potential) / exact.potential
+        residual = float((reused.gradient - product).norm() / reused.gradient.norm())
+        rows.append((agent, cosine, error, residual))
+    model.policy.load_state_dict(state)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="mamujoco:HalfCheetah-6x1")
+    parser.add_argument("--rollouts", type=int, default=3, help="rollouts to time the allocators on")
+    parser.add_argument("--repeats", type=int, default=3, help="train() calls per allocator and rollout")
+    parser.add_argument("--warmup-steps", type=int, default=20_000, help="uniform training before measuring")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    th.set_num_threads(1)
+
+    model = HATRPO("MlpPolicy", args.env, n_envs=N_ENVS, seed=args.seed, allocator="uniform", **SETTINGS)
+    if args.warmup_steps:
+        model.learn(args.warmup_steps)  # measure on a policy that has started to learn, not at init
+    rollout_seconds: list[float] = []
+    update_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    counts: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}
+    allocators = {v: make_allocator(allocator) for v, (allocator, _) in VARIANTS.items()}
+    for _ in range(args.rollouts):
+        callback = CallbackList([])
+        callback.init_callback(model)
+        start = time.perf_counter()
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)  # type: ignore[arg-type]
+        rollout_seconds.append(time.perf_counter() - start)
+        state = copy.deepcopy(model.policy.state_dict())
+        optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
+        for _ in range(args.repeats):
+            for name, (_, krylov_rtol) in VARIANTS.items():
+                model.allocator = allocators[name]
+                model.krylov_rtol = krylov_rtol
+                with counting(counts[name]):
+                    start = time.perf_counter()
+                    model.train()
+                    update_seconds[name].append(time.perf_counter() - start)
+                model.policy.load_state_dict(state)
+                model.policy.optimizer.load_state_dict(optimizer_state)
+        model.allocator = allocators["uniform"]
+        model.train()  # move on with uniform so the next rollout comes from a new policy
+
+    rollout = statistics.median(rollout_seconds)
+    base = statistics.median(update_seconds["uniform"])
+    calls = args.rollouts * args.repeats
+    print(f"env {args.env}, {model.n_steps * model.n_envs} samples per rollout, rollout {rollout:.3f} s (median)")
+    print("| allocator | update s (median) | update ratio | iteration ratio | directions | FVPs | KL evaluations |")
+    print("|---|---|---|---|---|---|---|")
+    for name in VARIANTS:
+        update = statistics.median(update_seconds[name])
+        c = counts[name]
+        print(
+            f"| {name} | {update:.3f} | {update / base:.2f}x | {(rollout + update) / (rollout + base):.2f}x "
+            f"| {c['directions'] / calls:.1f} | {c['fisher_vector_products'] / calls:.1f} "
+            f"| {c['kl_evaluations'] / calls:.1f} |"
+        )
+    print(f"\nReused directions (krylov_rtol={SETTINGS.get('krylov_rtol', 0.05)}) against 200-step CG solves:")
+    print("| agent | cosine | potential rel. error | relative residual |")
+    print("|---|---|---|---|")
+    for agent, cosine, error, residual in direction_accuracy(model, SETTINGS.get("krylov_rtol", 0.05)):
+        print(f"| {agent} | {cosine:.4f} | {error:.2%} | {residual:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
