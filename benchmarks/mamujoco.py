@@ -32,7 +32,7 @@ from sb3_hatrpo.evaluation import evaluate_policy
 
 RESULTS = Path(__file__).parent / "results" / "mamujoco"
 DOCS = Path(__file__).parent.parent / "docs"
-PAPER_GAIN = {"kkt": 22.5, "greedy": 25.2}
+PAPER_GAIN = {"kkt": 22.5, "greedy": 25.2, "kkt-krylov": 22.5, "greedy-krylov": 25.2, "kkt-nofloor": 22.5}
 
 # One setting for every allocator; the joint budget is n_agents * target_kl for all three.
 SETTINGS: dict[str, Any] = dict(
@@ -47,7 +47,18 @@ SETTINGS: dict[str, Any] = dict(
     policy_kwargs=dict(net_arch=[64, 64]),
 )
 N_ENVS = 4
-ALLOCATOR_KWARGS: dict[str, dict[str, Any]] = {"uniform": {}, "kkt": {}, "greedy": {}}
+# Variant -> (allocator, extra HATRPO arguments). "kkt" and "greedy" are the paper's versions, every
+# recomputed direction solved from scratch; "-krylov" starts it from the agent's Krylov basis (the
+# package default, krylov_rtol=0.05). Uniform never recomputes a direction, so it has one variant.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "uniform": ("uniform", {}),
+    "kkt": ("kkt", {"krylov_rtol": None}),
+    "greedy": ("greedy", {"krylov_rtol": None}),
+    "kkt-krylov": ("kkt", {"krylov_rtol": 0.05}),
+    "greedy-krylov": ("greedy", {"krylov_rtol": 0.05}),
+    # the KKT floor (min_kl_fraction, 0.5 by default) against none: the paper's plain KKT
+    "kkt-nofloor": ("kkt", {"krylov_rtol": None, "allocator_kwargs": {"min_kl_fraction": 0.0}}),
+}
 
 
 class ProgressRecorder(BaseCallback):
@@ -107,9 +118,8 @@ def train_one(results: Path, env_id: str, allocator: str, seed: int, timesteps: 
         print(f"resuming {env_id} {allocator} seed {seed} at {done} steps", flush=True)
     else:
         progress.unlink(missing_ok=True)
-        model = HATRPO(
-            "MlpPolicy", env, allocator=allocator, allocator_kwargs=ALLOCATOR_KWARGS[allocator], seed=seed, **SETTINGS
-        )
+        name, extra = VARIANTS[allocator]
+        model = HATRPO("MlpPolicy", env, allocator=name, seed=seed, **SETTINGS, **extra)
         done = 0
     recorder = ProgressRecorder(progress)
     start = time.perf_counter()
@@ -128,7 +138,7 @@ def train_one(results: Path, env_id: str, allocator: str, seed: int, timesteps: 
         "eval_return_mean": float(mean),
         "eval_return_std": float(std),
         "wall_seconds_this_session": time.perf_counter() - start,
-        "settings": {**SETTINGS, "n_envs": N_ENVS, "allocator_kwargs": ALLOCATOR_KWARGS[allocator]},
+        "settings": {**SETTINGS, **VARIANTS[allocator][1], "n_envs": N_ENVS},
     }
     with (results / "final.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -157,10 +167,17 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
     )
     lines = [
         "| env | allocator | seeds done | final eval return (mean ± std over seeds) | vs uniform | paper | "
-        "update s/iter | KL spent / budget |",
-        "|---|---|---|---|---|---|---|---|",
+        "update s/iter | iteration s/iter | KL spent / budget |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    colors = {"uniform": "tab:red", "greedy": "tab:blue", "kkt": "tab:green"}
+    colors = {
+        "uniform": "tab:red",
+        "greedy": "tab:blue",
+        "kkt": "tab:green",
+        "greedy-krylov": "tab:cyan",
+        "kkt-krylov": "tab:olive",
+        "kkt-nofloor": "tab:gray",
+    }
     for env_id in envs:
         fig, ax = plt.subplots(figsize=(6, 4))
         finals: dict[str, list[float]] = {}
@@ -189,7 +206,8 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
         for allocator in allocators:
             values = finals[allocator]
             progress = [p for s in seeds for p in load_progress(results, env_id, allocator, s)]
-            update = np.mean([p["update_seconds"] for p in progress]) if progress else float("nan")
+            update = np.median([p["update_seconds"] for p in progress]) if progress else float("nan")
+            iteration = np.median([p["iteration_seconds"] for p in progress]) if progress else float("nan")
             budget = [sum(r["kl"] for r in p["allocation"]) for p in progress]
             spent = (
                 np.mean(budget) / (SETTINGS["target_kl"] * len(progress[0]["allocation"])) if progress else float("nan")
@@ -205,7 +223,8 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
                 gain, cell = "", "running"
             paper = f"+{PAPER_GAIN[allocator]}%" if allocator in PAPER_GAIN else ""
             lines.append(
-                f"| {env_id} | {allocator} | {len(values)} | {cell} | {gain} | {paper} | {update:.2f} | {spent:.0%} |"
+                f"| {env_id} | {allocator} | {len(values)} | {cell} | {gain} | {paper} "
+                f"| {update:.2f} | {iteration:.2f} | {spent:.0%} |"
             )
     return "\n".join(lines)
 
@@ -213,7 +232,7 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["mamujoco:HalfCheetah-2x3", "mamujoco:HalfCheetah-6x1"])
-    parser.add_argument("--allocators", nargs="+", default=["uniform", "kkt", "greedy"])
+    parser.add_argument("--allocators", nargs="+", default=["uniform", "kkt", "greedy"], choices=sorted(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--timesteps", type=int, default=1_000_000)
     parser.add_argument("--checkpoint-every", type=int, default=40_000)
