@@ -86,21 +86,10 @@ def direction_accuracy(model: HATRPO, krylov_rtol: float) -> list[tuple[str, flo
     relative residual)`` per recomputed agent.
     """
     data = model.rollout_buffer.get()
-    advantages = (data.advantages - data.advantages.mean()) / (data.advantages.std() + 1e-8)
     state = copy.deepcopy(model.policy.state_dict())
 
     def planner(rtol: float | None, cg_max_steps: int) -> tr.TrustRegionPlanner:
-        return tr.TrustRegionPlanner(
-            dict(model.policy.actors.items()),  # type: ignore[arg-type]
-            data.observations,
-            data.actions,
-            data.alive,
-            advantages,
-            total_kl=model.joint_kl_budget,
-            cg_max_steps=cg_max_steps,
-            cg_damping=model.cg_damping,
-            krylov_rtol=rtol,
-        )
+        return model.make_planner(data, krylov_rtol=rtol, cg_max_steps=cg_max_steps)
 
     reusing = planner(krylov_rtol, model.cg_max_steps)
     cold = {agent: reusing.direction(agent) for agent in reusing.agents}

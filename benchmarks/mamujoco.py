@@ -167,8 +167,8 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
     )
     lines = [
         "| env | allocator | seeds done | final eval return (mean ± std over seeds) | vs uniform | paper | "
-        "update s/iter | iteration s/iter | KL spent / budget |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "training return, last 10 iterations | update s/iter | iteration s/iter | KL spent / budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     colors = {
         "uniform": "tab:red",
@@ -208,6 +208,12 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
             progress = [p for s in seeds for p in load_progress(results, env_id, allocator, s)]
             update = np.median([p["update_seconds"] for p in progress]) if progress else float("nan")
             iteration = np.median([p["iteration_seconds"] for p in progress]) if progress else float("nan")
+            done_seeds = [r["seed"] for r in final if r["env"] == env_id and r["allocator"] == allocator]
+            last = [
+                np.mean([p["ep_rew_mean"] for p in load_progress(results, env_id, allocator, s)[-10:]])
+                for s in done_seeds
+            ]
+            training = f"{np.mean(last):.0f} ± {np.std(last):.0f}" if last else ""
             budget = [sum(r["kl"] for r in p["allocation"]) for p in progress]
             spent = (
                 np.mean(budget) / (SETTINGS["target_kl"] * len(progress[0]["allocation"])) if progress else float("nan")
@@ -223,7 +229,7 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
                 gain, cell = "", "running"
             paper = f"+{PAPER_GAIN[allocator]}%" if allocator in PAPER_GAIN else ""
             lines.append(
-                f"| {env_id} | {allocator} | {len(values)} | {cell} | {gain} | {paper} "
+                f"| {env_id} | {allocator} | {len(values)} | {cell} | {gain} | {paper} | {training} "
                 f"| {update:.2f} | {iteration:.2f} | {spent:.0%} |"
             )
     return "\n".join(lines)

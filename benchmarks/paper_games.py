@@ -69,6 +69,7 @@ class MeanActionRecorder(BaseCallback):
         super().__init__()
         self.actions: list[list[float]] = []
         self.kl_fractions: list[float] = []
+        self.allocations: list[list[dict[str, Any]]] = []
 
     def _on_rollout_start(self) -> None:
         obs = {agent: np.ones(1, np.float32) for agent in self.model.agents}  # type: ignore[attr-defined]
@@ -78,6 +79,7 @@ class MeanActionRecorder(BaseCallback):
         if allocation:
             budget = self.model.joint_kl_budget  # type: ignore[attr-defined]
             self.kl_fractions.append(sum(r["kl"] for r in allocation) / budget)
+            self.allocations.append([dict(r) for r in allocation])
 
     def _on_step(self) -> bool:
         return True
@@ -100,7 +102,9 @@ def trajectory_rewards(record: dict[str, Any]) -> tuple[np.ndarray, float]:
     return game.payoff[played[:, 0].astype(int), played[:, 1].astype(int)], float(game.payoff.max())
 
 
-def run_one(game: str, variant: str, seed: int, init_action: float, init_std: float) -> dict[str, Any]:
+def run_one(
+    game: str, variant: str, seed: int, init_action: float, init_std: float, allocations: bool = False
+) -> dict[str, Any]:
     allocator, allocator_kwargs = VARIANTS[variant]
     env_kwargs = {"init_action": init_action} if game == "differential" else {}
     policy_kwargs = dict(SETTINGS["policy_kwargs"])
@@ -131,7 +135,9 @@ def run_one(game: str, variant: str, seed: int, init_action: float, init_std: fl
         rewards = payoff[played[:, 0], played[:, 1]]
         maximum = float(payoff.max())
     model.env.close()  # type: ignore[union-attr]
+    extra = {"allocations": recorder.allocations} if allocations else {}
     return {
+        **extra,
         "game": game,
         "variant": variant,
         "seed": seed,
@@ -203,29 +209,85 @@ def figure(records: list[dict[str, Any]], init_action: float, init_std: float, p
     fig.colorbar(mesh, ax=ax, label="R(a1, a2)")
     colors = {"uniform": ("red", "HATRPO"), "greedy": ("blue", "HATRPO-G"), "kkt": ("lime", "HATRPO-W")}
     for variant, (color, label) in colors.items():
-        runs = [
-            np.array(r["trajectory"])
+        selected = [
+            r
             for r in records
             if r["game"] == "differential"
             and r["variant"] == variant
             and r["init_action"] == init_action
             and r["init_std"] == init_std
         ]
-        if not runs:
+        if not selected:
             continue
-        for run in runs:
+        for r in selected:
+            run = np.array(r["trajectory"])
             ax.plot(run[:, 0], run[:, 1], color=color, alpha=0.15, linewidth=0.8)
-        mean = np.mean(runs, axis=0)
-        ax.plot(mean[:, 0], mean[:, 1], color=color, linewidth=2.2, label=f"{label} (mean of {len(runs)})")
+        # a mean over seeds that split between the two optima would cross the valley: one mean per outcome
+        for reached, style in ((True, "-"), (False, "--")):
+            group = [np.array(r["trajectory"]) for r in selected if r["global"] == reached]
+            if group:
+                mean = np.mean(group, axis=0)
+                outcome = "global" if reached else "local"
+                ax.plot(
+                    mean[:, 0],
+                    mean[:, 1],
+                    style,
+                    color=color,
+                    linewidth=2.2,
+                    label=f"{label}: {len(group)}/{len(selected)} seeds to the {outcome} optimum",
+                )
     ax.plot([5.19], [5.0], "w*", markersize=12)
     ax.plot([1.12], [1.0], "wx", markersize=9)
     ax.set_xlabel("a1")
     ax.set_ylabel("a2")
     ax.set_title(f"Differential game, start {init_action}, std {init_std}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def explain(records: list[dict[str, Any]], iterations: int = 10) -> str:
+    """Who got the budget in the first iterations, for the seeds that escaped and those that did not.
+
+    For each allocator: the share of the joint budget given to agent 0 (the action ``a1``, pulled
+    toward the local optimum's narrow ``a1`` peak) and to agent 1 (``a2``), how much of each
+    threshold the line search realised, how often each agent moved first, and the ratio of their
+    potentials ``c_0 / c_1``.
+    """
+    lines = [
+        f"First {iterations} iterations. share = threshold / budget; used = realised KL / threshold.",
+        "| variant | outcome | seeds | share a1 | share a2 | used a1 | used a2 | a1 first | c_a1 / c_a2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant in MAIN:
+        for escaped in (True, False):
+            runs = [r for r in records if r["variant"] == variant and r["global"] == escaped]
+            if not runs:
+                continue
+            share: dict[str, list[float]] = {"agent_0": [], "agent_1": []}
+            used: dict[str, list[float]] = {"agent_0": [], "agent_1": []}
+            first, ratio = [], []
+            for run in runs:
+                for allocation in run["allocations"][:iterations]:
+                    budget = sum(a["threshold"] for a in allocation) if variant == "uniform" else None
+                    by_agent = {a["agent"]: a for a in allocation}
+                    for agent in share:
+                        entry = by_agent[agent]
+                        total = budget or SETTINGS["target_kl"] * len(allocation)
+                        share[agent].append(entry["threshold"] / total)
+                        if entry["threshold"] > 0:
+                            used[agent].append(entry["kl"] / entry["threshold"])
+                    first.append(by_agent["agent_0"]["position"] == 0)
+                    if by_agent["agent_1"]["potential"] > 0:
+                        ratio.append(by_agent["agent_0"]["potential"] / by_agent["agent_1"]["potential"])
+            lines.append(
+                f"| {variant} | {'global' if escaped else 'local'} | {len(runs)} "
+                f"| {np.mean(share['agent_0']):.0%} | {np.mean(share['agent_1']):.0%} "
+                f"| {np.mean(used['agent_0']):.0%} | {np.mean(used['agent_1']):.0%} "
+                f"| {np.mean(first):.0%} | {np.median(ratio):.2f} |"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="only print the table and draw the figures")
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--n-workers", type=int, default=1)
+    parser.add_argument(
+        "--explain",
+        nargs=2,
+        type=float,
+        metavar=("START", "STD"),
+        help="rerun one differential start with every iteration's allocation logged and print who got the budget",
+    )
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +314,19 @@ def main(argv: list[str] | None = None) -> None:
             return []
         return [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
 
+    if args.explain:
+        init_action, init_std = args.explain
+        path = args.results.with_name(f"paper_games_allocations_{init_action}_{init_std}.jsonl")
+        stored = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        done_keys = {(r["variant"], r["seed"]) for r in stored}
+        with path.open("a") as f:
+            for seed, variant in itertools.product(range(args.seeds), MAIN):
+                if (variant, seed) not in done_keys:
+                    record = run_one("differential", variant, seed, init_action, init_std, allocations=True)
+                    stored.append(record)
+                    f.write(json.dumps(record) + "\n")
+        print(explain(stored))
+        return
     if not args.report:
         done = {key(r) for r in load()}
         todo = [c for i, c in enumerate(cells(args.seeds, args.variants)) if i % args.n_workers == args.worker]

@@ -27,7 +27,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_hatrpo.allocators import BaseAllocator, make_allocator
-from sb3_hatrpo.buffers import MultiAgentRolloutBuffer
+from sb3_hatrpo.buffers import MultiAgentRolloutBuffer, RolloutData
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
 from sb3_hatrpo.trust_region import TrustRegionPlanner
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
@@ -346,12 +346,12 @@ class HATRPO(OnPolicyAlgorithm):
                 losses.append(loss.item())
         return losses
 
-    def train(self) -> None:
-        """Critic regression, then the actors' trust-region steps in the allocator's order."""
-        self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
-        data = self.rollout_buffer.get()
+    def make_planner(self, data: RolloutData, **overrides: Any) -> TrustRegionPlanner:
+        """The trust-region planner of one iteration on a rollout, with this model's settings.
 
+        :param data: the rollout (``rollout_buffer.get()``)
+        :param overrides: planner arguments to change (e.g. ``krylov_rtol``, ``cg_max_steps``), for diagnostics
+        """
         advantages = data.advantages
         if not th.isfinite(advantages).all():
             raise FloatingPointError(
@@ -360,15 +360,7 @@ class HATRPO(OnPolicyAlgorithm):
             )
         if self.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-        value_losses = self._train_critic(data.states, data.returns)
-
-        planner = TrustRegionPlanner(
-            dict(self.policy.actors.items()),  # type: ignore[arg-type]
-            data.observations,
-            data.actions,
-            data.alive,
-            advantages,
+        settings: dict[str, Any] = dict(
             total_kl=self.joint_kl_budget,
             cg_max_steps=self.cg_max_steps,
             cg_damping=self.cg_damping,
@@ -376,6 +368,17 @@ class HATRPO(OnPolicyAlgorithm):
             line_search_max_iter=self.line_search_max_iter,
             krylov_rtol=self.krylov_rtol,
         )
+        settings.update(overrides)
+        actors = {agent: self.policy.actor(agent) for agent in self.policy.agents}
+        return TrustRegionPlanner(actors, data.observations, data.actions, data.alive, advantages, **settings)
+
+    def train(self) -> None:
+        """Critic regression, then the actors' trust-region steps in the allocator's order."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        data = self.rollout_buffer.get()
+        planner = self.make_planner(data)  # checks the advantages before any update
+        value_losses = self._train_critic(data.states, data.returns)
         results = self.allocator.update_agents(planner, self._order_rng)
         self.last_allocation = [result.as_record(position) for position, result in enumerate(results)]
         self._n_updates += 1
