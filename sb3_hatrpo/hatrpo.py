@@ -125,6 +125,8 @@ class HATRPO(OnPolicyAlgorithm):
             raise ValueError(f"target_kl must be a positive number, got {target_kl!r}")
         if total_kl is not None and not (np.isfinite(total_kl) and total_kl > 0):
             raise ValueError(f"total_kl must be a positive number or None, got {total_kl!r}")
+        if krylov_rtol is not None and not (np.isfinite(krylov_rtol) and krylov_rtol >= 0):
+            raise ValueError(f"krylov_rtol must be a non-negative number or None, got {krylov_rtol!r}")
         self.allocator = make_allocator(allocator, allocator_kwargs)
         if isinstance(policy, str):
             if policy not in self.policy_aliases:

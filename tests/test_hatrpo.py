@@ -153,7 +153,14 @@ def test_predict_rejects_unknown_agents_and_wrong_shapes():
 def test_save_load_gives_identical_actions_and_training_continues(tmp_path, allocator):
     kwargs = {"min_kl_fraction": 0.25, "pass_unused_budget": True} if allocator == "kkt" else None
     model = HATRPO(
-        "MlpPolicy", "games:differential", allocator=allocator, allocator_kwargs=kwargs, seed=0, total_kl=0.05, **TINY
+        "MlpPolicy",
+        "games:differential",
+        allocator=allocator,
+        allocator_kwargs=kwargs,
+        seed=0,
+        total_kl=0.05,
+        krylov_rtol=0.02,
+        **TINY,
     )
     model.learn(128)
     model.save(tmp_path / "model")
@@ -168,6 +175,7 @@ def test_save_load_gives_identical_actions_and_training_continues(tmp_path, allo
     assert type(loaded.allocator) is type(model.allocator)
     assert loaded.allocator.get_config() == model.allocator.get_config()
     assert loaded.total_kl == 0.05 and loaded.joint_kl_budget == 0.05
+    assert loaded.krylov_rtol == 0.02
     assert loaded.value_normalizer is not None
     assert loaded.value_normalizer.count == model.value_normalizer.count
     for a, b in zip(
@@ -238,6 +246,8 @@ def test_bad_hyperparameters_fail_before_any_work():
         HATRPO("MlpPolicy", "games:climbing", allocator="ppo")
     with pytest.raises(ValueError, match="Unknown policy"):
         HATRPO("CnnPolicy", "games:climbing")
+    with pytest.raises(ValueError, match="krylov_rtol must be a non-negative number"):
+        HATRPO("MlpPolicy", "games:climbing", krylov_rtol=-0.1)
 
 
 def test_bad_envs_are_named():
