@@ -10,7 +10,15 @@ version = (HERE / "sb3_hatrpo" / "version.txt").read_text().strip()
 extras = {
     "mujoco": ["gymnasium-robotics>=1.3", "mujoco>=3.1"],
     "mpe": ["mpe2>=0.0.1"],
-    "zoo": ["optuna>=4.0", "pyyaml>=6.0", "matplotlib>=3.8", "rich>=13.0", "tqdm>=4.66", "psycopg2-binary>=2.9"],
+    "zoo": [
+        "optuna>=4.0",
+        "pyyaml>=6.0",
+        "matplotlib>=3.8",
+        "rich>=13.0",
+        "tqdm>=4.66",
+        "psycopg2-binary>=2.9",
+        "imageio>=2.30",
+    ],
     "tests": [
         "pytest>=8.0",
         "pytest-timeout>=2.3",
