@@ -75,6 +75,54 @@ def train_steps_per_second(algo: str, timesteps: int, settings: dict, vec_env_cl
     return timesteps / elapsed
 
 
+# Where an HATRPO iteration spends its time: (label, module or class, function) as cProfile names them
+PROFILE_PARTS = [
+    ("env step (MuJoCo + PettingZoo wrappers)", "vec_env.py", "step_wait"),
+    ("actor sampling in the rollout", "policies.py", "sample_actions"),
+    ("critic values in the rollout", "hatrpo.py", "_values"),
+    ("rollout buffer add", "buffers.py", "add"),
+    ("GAE", "buffers.py", "compute_returns_and_advantage"),
+    ("critic regression", "hatrpo.py", "_train_critic"),
+    ("trust-region directions (gradient + CG)", "trust_region.py", "direction"),
+    ("  of which Fisher-vector products", "trust_region.py", "fisher_vector_product"),
+    ("line searches", "trust_region.py", "step"),
+]
+
+
+def profile_hatrpo(timesteps: int, settings: dict, vec_env_cls: str) -> None:
+    """cProfile one HATRPO run and print the share of wall time of each part of an iteration."""
+    import cProfile
+    import pstats
+
+    env = make_vec_env("mamujoco:HalfCheetah-2x3", n_envs=settings["n_envs"], seed=0, vec_env_cls=vec_env_cls)
+    model = HATRPO(
+        "MlpPolicy",
+        env,
+        n_steps=settings["n_steps"],
+        batch_size=settings["batch_size"],
+        cg_max_steps=settings["cg_max_steps"],
+        n_critic_updates=settings["n_critic_updates"],
+        target_kl=0.01,
+        policy_kwargs=dict(net_arch=settings["net_arch"]),
+        seed=0,
+    )
+    model.learn(settings["n_steps"] * settings["n_envs"])
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    model.learn(timesteps, reset_num_timesteps=False)
+    profiler.disable()
+    total = time.perf_counter() - start
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    print(f"profile of HATRPO, {timesteps} steps in {total:.1f} s (cumulative time per part):")
+    for label, filename, function in PROFILE_PARTS:
+        seconds = sum(
+            entry[3] for (path, _, name), entry in stats.items() if path.endswith(filename) and name == function
+        )
+        print(f"  {label:45s} {seconds:6.2f} s  {seconds / total:5.1%}")
+    env.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timesteps", type=int, default=40960, help="timed training steps per run")
@@ -83,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-steps", type=int, default=1024)
     parser.add_argument("--vec-env", choices=["dummy", "subproc"], default="dummy")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is as fast as 2 for small MLPs)")
+    parser.add_argument("--profile", action="store_true", help="also profile one HATRPO run: where the time goes")
     args = parser.parse_args(argv)
     th.set_num_threads(args.threads)
     settings = dict(
@@ -106,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     hatrpo, trpo = np.median(results["hatrpo"]), np.median(results["trpo"])
     print(f"HATRPO (2 actors) {hatrpo:,.0f} steps/s | TRPO (1 actor) {trpo:,.0f} steps/s | ratio {hatrpo / trpo:.2f}x")
     print(f"share of the raw env ceiling: HATRPO {hatrpo / raw_ma:.0%}, TRPO {trpo / raw_sa:.0%}")
+    if args.profile:
+        profile_hatrpo(args.timesteps, settings, args.vec_env)
 
 
 if __name__ == "__main__":
