@@ -40,6 +40,16 @@ def _pyplot() -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _run_file(path: str | Path, name: str, hint: str) -> Path:
+    """``path`` itself, or ``path / name`` when ``path`` is a run folder; ``FileNotFoundError`` if missing."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / name
+    if not file.is_file():
+        raise FileNotFoundError(f"No {name} in {file.parent} ({hint})")
+    return file
+
+
 def load_evaluations(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Timesteps and mean evaluation return of a run (``evaluations.npz``, as SB3's ``EvalCallback`` writes).
 
@@ -48,11 +58,7 @@ def load_evaluations(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
     :param run: the run folder or the ``.npz`` file
     :raises FileNotFoundError: if there is no ``evaluations.npz``
     """
-    path = Path(run)
-    if path.is_dir():
-        path = path / "evaluations.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"No evaluations.npz in {path.parent} (train with evaluation to get one)")
+    path = _run_file(run, "evaluations.npz", "train with evaluation to get one")
     with np.load(path) as data:
         timesteps = np.asarray(data["timesteps"], dtype=float)
         results = np.asarray(data["results"], dtype=float)
@@ -70,11 +76,7 @@ def read_progress(path: str | Path) -> dict[str, np.ndarray]:
     :param path: the run folder or the ``progress.csv``
     :raises FileNotFoundError: if there is no ``progress.csv``
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "progress.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"No progress.csv in {path.parent} (the train command writes one)")
+    path = _run_file(path, "progress.csv", "the train command writes one")
     with open(path, newline="") as file:
         rows = list(csv.DictReader(file))
     columns: dict[str, np.ndarray] = {}
