@@ -18,6 +18,7 @@ and the wall time of the update step per iteration.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -178,6 +179,7 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
         "kkt-krylov": "tab:olive",
         "kkt-nofloor": "tab:gray",
     }
+    progress_of = functools.cache(functools.partial(load_progress, results))  # each run's file read once
     for env_id in envs:
         fig, ax = plt.subplots(figsize=(6, 4))
         finals: dict[str, list[float]] = {}
@@ -185,7 +187,7 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
             finals[allocator] = [
                 r["eval_return_mean"] for r in final if r["env"] == env_id and r["allocator"] == allocator
             ]
-            curves = [load_progress(results, env_id, allocator, s) for s in seeds]
+            curves = [progress_of(env_id, allocator, s) for s in seeds]
             curves = [c for c in curves if c]
             if curves:
                 length = min(len(c) for c in curves)
@@ -205,14 +207,11 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
         base = np.mean(finals["uniform"]) if finals.get("uniform") else None
         for allocator in allocators:
             values = finals[allocator]
-            progress = [p for s in seeds for p in load_progress(results, env_id, allocator, s)]
+            progress = [p for s in seeds for p in progress_of(env_id, allocator, s)]
             update = np.median([p["update_seconds"] for p in progress]) if progress else float("nan")
             iteration = np.median([p["iteration_seconds"] for p in progress]) if progress else float("nan")
             done_seeds = [r["seed"] for r in final if r["env"] == env_id and r["allocator"] == allocator]
-            last = [
-                np.mean([p["ep_rew_mean"] for p in load_progress(results, env_id, allocator, s)[-10:]])
-                for s in done_seeds
-            ]
+            last = [np.mean([p["ep_rew_mean"] for p in progress_of(env_id, allocator, s)[-10:]]) for s in done_seeds]
             training = f"{np.mean(last):.0f} ± {np.std(last):.0f}" if last else ""
             budget = [sum(r["kl"] for r in p["allocation"]) for p in progress]
             spent = (

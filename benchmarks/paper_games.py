@@ -270,12 +270,10 @@ def explain(records: list[dict[str, Any]], iterations: int = 10) -> str:
             first, ratio = [], []
             for run in runs:
                 for allocation in run["allocations"][:iterations]:
-                    budget = sum(a["threshold"] for a in allocation) if variant == "uniform" else None
                     by_agent = {a["agent"]: a for a in allocation}
                     for agent in share:
                         entry = by_agent[agent]
-                        total = budget or SETTINGS["target_kl"] * len(allocation)
-                        share[agent].append(entry["threshold"] / total)
+                        share[agent].append(entry["threshold"] / (SETTINGS["target_kl"] * len(allocation)))
                         if entry["threshold"] > 0:
                             used[agent].append(entry["kl"] / entry["threshold"])
                     first.append(by_agent["agent_0"]["position"] == 0)

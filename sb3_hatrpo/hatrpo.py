@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from sb3_hatrpo.allocators import BaseAllocator, make_allocator
 from sb3_hatrpo.buffers import MultiAgentRolloutBuffer, RolloutData
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
-from sb3_hatrpo.trust_region import TrustRegionPlanner
+from sb3_hatrpo.trust_region import TrustRegionPlanner, check_krylov_rtol
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
 
 SelfHATRPO = TypeVar("SelfHATRPO", bound="HATRPO")
@@ -125,8 +125,7 @@ class HATRPO(OnPolicyAlgorithm):
             raise ValueError(f"target_kl must be a positive number, got {target_kl!r}")
         if total_kl is not None and not (np.isfinite(total_kl) and total_kl > 0):
             raise ValueError(f"total_kl must be a positive number or None, got {total_kl!r}")
-        if krylov_rtol is not None and not (np.isfinite(krylov_rtol) and krylov_rtol >= 0):
-            raise ValueError(f"krylov_rtol must be a non-negative number or None, got {krylov_rtol!r}")
+        check_krylov_rtol(krylov_rtol)
         self.allocator = make_allocator(allocator, allocator_kwargs)
         if isinstance(policy, str):
             if policy not in self.policy_aliases:

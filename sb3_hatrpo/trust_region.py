@@ -98,6 +98,12 @@ def mean_kl(old: Distribution, new: Distribution, alive: th.Tensor) -> th.Tensor
     return (kl * alive).sum() / alive.sum().clamp(min=1.0)
 
 
+def check_krylov_rtol(krylov_rtol: float | None) -> None:
+    """``ValueError`` unless ``krylov_rtol`` is ``None`` or a finite number >= 0."""
+    if krylov_rtol is not None and not (math.isfinite(krylov_rtol) and krylov_rtol >= 0.0):
+        raise ValueError(f"krylov_rtol must be a non-negative number or None, got {krylov_rtol!r}")
+
+
 class _AgentData:
     """One agent's rollout samples and frozen old policy."""
 
@@ -194,8 +200,7 @@ class TrustRegionPlanner:
         line_search_max_iter: int = 10,
         krylov_rtol: float | None = 0.05,
     ) -> None:
-        if krylov_rtol is not None and not krylov_rtol >= 0.0:
-            raise ValueError(f"krylov_rtol must be a non-negative number or None, got {krylov_rtol!r}")
+        check_krylov_rtol(krylov_rtol)
         self.agents = list(actors)
         self.krylov_rtol = krylov_rtol
         self.total_kl = total_kl
@@ -227,7 +232,7 @@ class TrustRegionPlanner:
         if not th.isfinite(gradient).all() or gradient.abs().max() == 0:
             zeros = th.zeros_like(gradient)
             return SearchDirection(agent, gradient, zeros, 0.0, 0.0, self.factor_version)
-        solved = self._reuse_krylov(data, gradient, fvp) if data.cold_residual is not None else None
+        solved = self._reuse_krylov(data, gradient, fvp)
         if solved is None:
             direction = conjugate_gradient_solver(fvp, gradient, max_iter=self.cg_max_steps).detach()
             product = fvp(direction).detach()
