@@ -117,14 +117,16 @@ def main() -> None:
     parser.add_argument("--env", default="mamujoco:HalfCheetah-6x1")
     parser.add_argument("--rollouts", type=int, default=3, help="rollouts to time the allocators on")
     parser.add_argument("--repeats", type=int, default=3, help="train() calls per allocator and rollout")
-    parser.add_argument("--warmup-steps", type=int, default=20_000, help="uniform training before measuring")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=20_000, help="uniform training before measuring (at least one iteration)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     th.set_num_threads(1)
 
     model = HATRPO("MlpPolicy", args.env, n_envs=N_ENVS, seed=args.seed, allocator="uniform", **SETTINGS)
-    if args.warmup_steps:
-        model.learn(args.warmup_steps)  # measure on a policy that has started to learn, not at init
+    # measure on a policy that has started to learn; learn() also resets the envs the rollouts start from
+    model.learn(max(args.warmup_steps, 1))
     rollout_seconds: list[float] = []
     update_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     counts: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}
