@@ -13,6 +13,11 @@ append one line to ``<results>/final.jsonl``. Several workers can share the runs
 The report compares final returns (mean of the last deterministic evaluation) and each
 allocator's relative improvement over uniform with the paper's figures (W +22.5%, G +25.2%),
 and the wall time of the update step per iteration.
+
+Settings: the zoo config's entry for each env (``zoo_configs/hatrpo.yml``, HARL's tuned values),
+the one source of tuned settings; a variant only adds its own overrides. Every ``--eval-every``
+steps the model is evaluated deterministically (5 episodes) into ``eval.jsonl``;
+``--report-evals`` prints those returns per variant and step (mean and per seed).
 """
 
 from __future__ import annotations
@@ -30,24 +35,33 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_hatrpo import HATRPO, make_vec_env
 from sb3_hatrpo.evaluation import evaluate_policy
+from sb3_hatrpo.zoo.config import get_hyperparams, prepare_hyperparams
 
-RESULTS = Path(__file__).parent / "results" / "mamujoco"
+RESULTS = Path(__file__).parent / "results" / "mamujoco_tuned"
 DOCS = Path(__file__).parent.parent / "docs"
 PAPER_GAIN = {"kkt": 22.5, "greedy": 25.2, "kkt-krylov": 22.5, "greedy-krylov": 25.2, "kkt-nofloor": 22.5}
 
-# One setting for every allocator; the joint budget is n_agents * target_kl for all three.
-SETTINGS: dict[str, Any] = dict(
-    n_steps=1000,
-    batch_size=500,
-    n_critic_updates=5,
-    cg_max_steps=10,
-    target_kl=0.005,
-    gamma=0.99,
-    gae_lambda=0.95,
-    learning_rate=5e-4,
-    policy_kwargs=dict(net_arch=[64, 64]),
-)
-N_ENVS = 4
+
+def zoo_settings(env_id: str) -> tuple[dict[str, Any], int]:
+    """The zoo config's ``HATRPO`` arguments for ``env_id`` and its ``n_envs`` (one setting for every variant)."""
+    hyperparams, _ = get_hyperparams(env_id)
+    prepared = prepare_hyperparams(hyperparams)
+    kwargs = dict(prepared.model_kwargs)
+    kwargs.pop("allocator", None)
+    kwargs.pop("allocator_kwargs", None)
+    if prepared.env_kwargs:
+        kwargs["env_kwargs"] = prepared.env_kwargs
+    return kwargs, prepared.n_envs
+
+
+def variant_kwargs(env_id: str, variant: str) -> tuple[dict[str, Any], int]:
+    """Zoo settings with the variant's overrides (``policy_kwargs`` merged key by key)."""
+    settings, n_envs = zoo_settings(env_id)
+    name, extra = VARIANTS[variant]
+    extra = dict(extra)
+    policy_kwargs = {**settings.get("policy_kwargs", {}), **extra.pop("policy_kwargs", {})}
+    return {**settings, **extra, "policy_kwargs": policy_kwargs, "allocator": name}, n_envs
+
 # Variant -> (allocator, extra HATRPO arguments). "kkt" and "greedy" are the paper's versions, every
 # recomputed direction solved from scratch; "-krylov" starts it from the agent's Krylov basis (the
 # package default, krylov_rtol=0.05). Uniform never recomputes a direction, so it has one variant.
@@ -59,6 +73,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "greedy-krylov": ("greedy", {"krylov_rtol": 0.05}),
     # the KKT floor (min_kl_fraction, 0.5 by default) against none: the paper's plain KKT
     "kkt-nofloor": ("kkt", {"krylov_rtol": None, "allocator_kwargs": {"min_kl_fraction": 0.0}}),
+    # Ablations of the base algorithm (docs/benchmarks.md): one difference from HARL at a time.
+    "uniform-no-obs-norm": ("uniform", {"normalize_observation": False}),
+    "uniform-sigmoid-std": ("uniform", {"policy_kwargs": {"std_parametrization": "sigmoid"}}),
+    "uniform-accept-ratio": ("uniform", {"line_search_accept_ratio": 0.5}),
+    "uniform-harl-critic": (
+        "uniform",
+        {"value_loss": "huber", "clip_range_vf": 0.2, "max_grad_norm": 10.0,
+         "policy_kwargs": {"optimizer_kwargs": {"eps": 1e-5}}},
+    ),
+    "uniform-no-truncation-bootstrap": ("uniform", {"bootstrap_truncation": False}),
+    "uniform-reward-norm": ("uniform", {"normalize_reward": True}),
 }
 
 
@@ -105,31 +130,46 @@ def finished(results: Path) -> set[tuple[str, str, int]]:
     return {(r["env"], r["allocator"], r["seed"]) for r in lines}
 
 
-def train_one(results: Path, env_id: str, allocator: str, seed: int, timesteps: int, checkpoint_every: int) -> None:
+def _keep_lines_upto(path: Path, done: int) -> None:
+    """Drop the lines of a JSONL file written after the checkpoint at ``done`` steps."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["timesteps"] <= done]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_one(
+    results: Path, env_id: str, allocator: str, seed: int, timesteps: int, checkpoint_every: int, eval_every: int
+) -> None:
     folder = run_dir(results, env_id, allocator, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint, progress = folder / "checkpoint.zip", folder / "progress.jsonl"
-    env = make_vec_env(env_id, n_envs=N_ENVS, seed=seed)
+    checkpoint, progress, evals = folder / "checkpoint.zip", folder / "progress.jsonl", folder / "eval.jsonl"
+    kwargs, n_envs = variant_kwargs(env_id, allocator)
+    env = make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=kwargs.get("env_kwargs"))
     if checkpoint.exists():
         model = HATRPO.load(checkpoint, env=env)
         done = model.num_timesteps
-        # drop progress lines written after the checkpoint
-        kept = [line for line in progress.read_text().splitlines() if json.loads(line)["timesteps"] <= done]
-        progress.write_text("".join(line + "\n" for line in kept))
+        _keep_lines_upto(progress, done)
+        _keep_lines_upto(evals, done)
         print(f"resuming {env_id} {allocator} seed {seed} at {done} steps", flush=True)
     else:
         progress.unlink(missing_ok=True)
-        name, extra = VARIANTS[allocator]
-        model = HATRPO("MlpPolicy", env, allocator=name, seed=seed, **SETTINGS, **extra)
+        evals.unlink(missing_ok=True)
+        model = HATRPO("MlpPolicy", env, seed=seed, **{k: v for k, v in kwargs.items() if k != "env_kwargs"})
         done = 0
     recorder = ProgressRecorder(progress)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=10_000 + seed, env_kwargs=kwargs.get("env_kwargs"))
     start = time.perf_counter()
     while model.num_timesteps < timesteps:
-        chunk = min(checkpoint_every, timesteps - model.num_timesteps)
+        # stop at every checkpoint and every evaluation point
+        next_eval = (model.num_timesteps // eval_every + 1) * eval_every
+        chunk = min(checkpoint_every, timesteps - model.num_timesteps, next_eval - model.num_timesteps)
         model.learn(chunk, callback=recorder, reset_num_timesteps=False)
+        if model.num_timesteps % eval_every == 0 or model.num_timesteps >= timesteps:
+            mean, std = evaluate_policy(model, eval_env, n_eval_episodes=5, deterministic=True)
+            with evals.open("a") as f:
+                f.write(json.dumps({"timesteps": model.num_timesteps, "mean": float(mean), "std": float(std)}) + "\n")
+            print(f"{env_id} {allocator} seed {seed}: {model.num_timesteps} steps, eval {mean:.0f}", flush=True)
         model.save(checkpoint)
-        print(f"{env_id} {allocator} seed {seed}: {model.num_timesteps} steps", flush=True)
-    eval_env = make_vec_env(env_id, n_envs=1, seed=10_000 + seed)
     mean, std = evaluate_policy(model, eval_env, n_eval_episodes=5, deterministic=True)
     record = {
         "env": env_id,
@@ -139,10 +179,10 @@ def train_one(results: Path, env_id: str, allocator: str, seed: int, timesteps: 
         "eval_return_mean": float(mean),
         "eval_return_std": float(std),
         "wall_seconds_this_session": time.perf_counter() - start,
-        "settings": {**SETTINGS, **VARIANTS[allocator][1], "n_envs": N_ENVS},
+        "settings": {**kwargs, "n_envs": n_envs},
     }
     with (results / "final.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, default=repr) + "\n")  # repr: classes such as activation_fn
     env.close()
     eval_env.close()
 
@@ -214,9 +254,8 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
             last = [np.mean([p["ep_rew_mean"] for p in progress_of(env_id, allocator, s)[-10:]]) for s in done_seeds]
             training = f"{np.mean(last):.0f} ± {np.std(last):.0f}" if last else ""
             budget = [sum(r["kl"] for r in p["allocation"]) for p in progress]
-            spent = (
-                np.mean(budget) / (SETTINGS["target_kl"] * len(progress[0]["allocation"])) if progress else float("nan")
-            )
+            target_kl = zoo_settings(env_id)[0]["target_kl"]
+            spent = np.mean(budget) / (target_kl * len(progress[0]["allocation"])) if progress else float("nan")
             if values:
                 gain = (
                     f"{100 * (np.mean(values) - base) / abs(base):+.1f}%"
@@ -234,6 +273,28 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
     return "\n".join(lines)
 
 
+def report_evals(results: Path, envs: list[str], variants: list[str], seeds: list[int]) -> str:
+    """Markdown table: deterministic eval return at each evaluation step, mean over seeds and per seed."""
+    lines = ["| env | variant | steps | seeds | mean ± std | per seed |", "|---|---|---|---|---|---|"]
+    for env_id in envs:
+        for variant in variants:
+            by_step: dict[int, dict[int, float]] = {}
+            for seed in seeds:
+                path = run_dir(results, env_id, variant, seed) / "eval.jsonl"
+                if path.exists():
+                    for line in path.read_text().splitlines():
+                        record = json.loads(line)
+                        by_step.setdefault(record["timesteps"], {})[seed] = record["mean"]
+            for step in sorted(by_step):
+                values = by_step[step]
+                per_seed = " / ".join(f"{values[s]:.0f}" for s in sorted(values))
+                lines.append(
+                    f"| {env_id} | {variant} | {step:,} | {len(values)} | "
+                    f"{np.mean(list(values.values())):.0f} ± {np.std(list(values.values())):.0f} | {per_seed} |"
+                )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["mamujoco:HalfCheetah-2x3", "mamujoco:HalfCheetah-6x1"])
@@ -241,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--timesteps", type=int, default=1_000_000)
     parser.add_argument("--checkpoint-every", type=int, default=40_000)
+    parser.add_argument("--eval-every", type=int, default=100_000, help="deterministic evaluation interval")
+    parser.add_argument("--report-evals", action="store_true", help="eval returns per variant and step")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--n-workers", type=int, default=1)
@@ -251,13 +314,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         print(report(args.results, args.envs, args.allocators, args.seeds))
         return
+    if args.report_evals:
+        print(report_evals(args.results, args.envs, args.allocators, args.seeds))
+        return
     # seed-major order: a partial run still covers every allocator on every env
     runs = [(e, a, s) for s in args.seeds for e in args.envs for a in args.allocators]
     mine = [run for i, run in enumerate(runs) if i % args.n_workers == args.worker]
     for env_id, allocator, seed in mine:
         if (env_id, allocator, seed) in finished(args.results):
             continue
-        train_one(args.results, env_id, allocator, seed, args.timesteps, args.checkpoint_every)
+        train_one(args.results, env_id, allocator, seed, args.timesteps, args.checkpoint_every, args.eval_every)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def compute_gae(
     truncation_values: np.ndarray,
     gamma: float,
     gae_lambda: float,
+    truncated: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation over a ``(n_steps, n_envs)`` rollout.
 
@@ -37,6 +38,9 @@ def compute_gae(
     :param truncation_values: ``V(final state)`` where the episode was truncated at step t, else 0
     :param gamma: discount factor
     :param gae_lambda: GAE's bias-variance trade-off
+    :param truncated: where given, the steps at which an episode was truncated get advantage 0 and return
+        ``V(s_t)`` instead of bootstrapping (HARL's ``use_proper_time_limits``: the last transition of a
+        truncated episode teaches nothing); ``truncation_values`` is then ignored
     :return: ``(advantages, returns)``, returns = advantages + values (the critic's targets)
     """
     n_steps = rewards.shape[0]
@@ -48,6 +52,8 @@ def compute_gae(
         # Truncation: r + gamma V(final state); the next row belongs to a new episode.
         delta = rewards[t] + gamma * truncation_values[t] + gamma * next_values * next_non_terminal - values[t]
         next_advantage = delta + gamma * gae_lambda * next_non_terminal * next_advantage
+        if truncated is not None:
+            next_advantage = np.where(truncated[t], 0.0, next_advantage).astype(np.float32)
         advantages[t] = next_advantage
     return advantages, advantages + values
 
@@ -81,6 +87,8 @@ class MultiAgentRolloutBuffer:
     :param gamma: discount factor
     :param gae_lambda: GAE lambda
     :param device: where ``get()`` puts the tensors
+    :param bootstrap_truncation: bootstrap a truncated episode with ``V(final state)`` (default); ``False``
+        gives its last step advantage 0 instead (HARL)
     """
 
     def __init__(
@@ -93,8 +101,10 @@ class MultiAgentRolloutBuffer:
         gamma: float = 0.99,
         gae_lambda: float = 0.95,
         device: th.device | str = "cpu",
+        bootstrap_truncation: bool = True,
     ) -> None:
         self.buffer_size = buffer_size
+        self.bootstrap_truncation = bootstrap_truncation
         self.n_envs = n_envs
         self.agents = list(observation_space.spaces)
         self.gamma = gamma
@@ -169,8 +179,20 @@ class MultiAgentRolloutBuffer:
         self.truncation_values[:] = 0.0
         for (t, env, _), value in zip(self.truncations, truncation_values):
             self.truncation_values[t, env] = value
+        truncated = None
+        if not self.bootstrap_truncation:
+            truncated = np.zeros_like(self.dones)
+            for t, env, _ in self.truncations:
+                truncated[t, env] = True
         self.advantages, self.returns = compute_gae(
-            self.rewards, self.values, self.dones, last_values, self.truncation_values, self.gamma, self.gae_lambda
+            self.rewards,
+            self.values,
+            self.dones,
+            last_values,
+            self.truncation_values,
+            self.gamma,
+            self.gae_lambda,
+            truncated=truncated,
         )
 
     def get(self) -> RolloutData:

@@ -12,6 +12,7 @@ import os
 import pathlib
 import tempfile
 import zipfile
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -28,11 +29,18 @@ from torch.nn import functional as F
 
 from sb3_hatrpo.allocators import BaseAllocator, make_allocator
 from sb3_hatrpo.buffers import MultiAgentRolloutBuffer, RolloutData
+from sb3_hatrpo.normalization import RewardScaler
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
 from sb3_hatrpo.trust_region import TrustRegionPlanner, check_krylov_rtol
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
 
 SelfHATRPO = TypeVar("SelfHATRPO", bound="HATRPO")
+
+# Per-sample critic losses (prediction, target, Huber threshold): reduced after the optional value clipping.
+VALUE_LOSSES: dict[str, Callable[[th.Tensor, th.Tensor, float], th.Tensor]] = {
+    "mse": lambda prediction, target, _: F.mse_loss(prediction, target, reduction="none"),
+    "huber": lambda prediction, target, delta: F.huber_loss(prediction, target, reduction="none", delta=delta),
+}
 
 
 class HATRPO(OnPolicyAlgorithm):
@@ -61,7 +69,17 @@ class HATRPO(OnPolicyAlgorithm):
         recomputes every direction from scratch. No effect on the uniform allocator.
     :param line_search_shrinking_factor: step-size factor ``beta`` of the backtracking line search
     :param line_search_max_iter: step sizes tried by the line search
+    :param line_search_accept_ratio: the line search also requires the actual surrogate improvement to exceed
+        this share of the first-order prediction of the tried step (HARL's ``accept_ratio``: 0.5); 0 accepts
+        any positive improvement within the threshold (DESIGN §4)
     :param n_critic_updates: critic epochs per rollout
+    :param value_loss: ``"mse"`` or ``"huber"`` (HARL's, with ``huber_delta``) for the critic
+    :param huber_delta: the Huber loss's threshold (HARL: 10)
+    :param clip_range_vf: clip the critic's new predictions to within this of the rollout's (in the
+        normalised value space) and take the larger loss, as SB3's PPO and HARL (0.2); ``None``: no clipping
+    :param max_grad_norm: clip the critic's gradient norm (HARL: 10); ``None``: no clipping
+    :param bootstrap_truncation: bootstrap a truncated episode (time limit) with the value of its final
+        state; ``False`` gives its last step advantage 0 instead (HARL's ``use_proper_time_limits``)
     :param gae_lambda: GAE's bias-variance trade-off
     :param normalize_advantage: normalise the advantages of each rollout (mean 0, std 1)
     :param target_kl: the per-agent KL threshold of plain HATRPO
@@ -71,6 +89,14 @@ class HATRPO(OnPolicyAlgorithm):
         or a :class:`sb3_hatrpo.allocators.BaseAllocator` instance
     :param allocator_kwargs: options of a named allocator (e.g. ``{"min_kl_fraction": 0.5}``)
     :param normalize_value: train the critic on returns normalised with a running mean/std
+    :param normalize_observation: running mean/std normalisation (clipped) of every agent's float ``Box``
+        observation and of the global state, kept inside the networks: saved in the zip and applied by
+        ``predict``, so every caller passes raw observations. The statistics are updated from each
+        rollout after its update (never in ``predict`` or evaluation). SB3's ``VecNormalize(norm_obs=True)``
+        and HARL's input LayerNorm play this role elsewhere.
+    :param clip_observation: bound of the normalised observations and state (``VecNormalize``'s ``clip_obs``)
+    :param normalize_reward: divide the rewards the critic and the advantages see by the running std of the
+        discounted return (``VecNormalize``'s ``norm_reward``); logged episode returns stay raw
     :param n_envs: env copies when ``env`` is not already vectorised
     :param vec_env_cls: ``"dummy"`` (one process) or ``"subproc"`` (one process per copy)
     :param env_kwargs: keyword arguments of ``make_env`` when ``env`` is an id
@@ -101,7 +127,13 @@ class HATRPO(OnPolicyAlgorithm):
         krylov_rtol: float | None = 0.05,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
+        line_search_accept_ratio: float = 0.0,
         n_critic_updates: int = 10,
+        value_loss: str = "mse",
+        huber_delta: float = 10.0,
+        clip_range_vf: float | None = None,
+        max_grad_norm: float | None = None,
+        bootstrap_truncation: bool = True,
         gae_lambda: float = 0.95,
         normalize_advantage: bool = True,
         target_kl: float = 0.01,
@@ -109,6 +141,9 @@ class HATRPO(OnPolicyAlgorithm):
         allocator: str | BaseAllocator = "uniform",
         allocator_kwargs: dict[str, Any] | None = None,
         normalize_value: bool = True,
+        normalize_observation: bool = True,
+        clip_observation: float = 10.0,
+        normalize_reward: bool = False,
         n_envs: int = 1,
         vec_env_cls: str | type[MultiAgentVecEnv] = "dummy",
         env_kwargs: dict[str, Any] | None = None,
@@ -126,6 +161,8 @@ class HATRPO(OnPolicyAlgorithm):
         if total_kl is not None and not (np.isfinite(total_kl) and total_kl > 0):
             raise ValueError(f"total_kl must be a positive number or None, got {total_kl!r}")
         check_krylov_rtol(krylov_rtol)
+        if value_loss not in VALUE_LOSSES:
+            raise ValueError(f"value_loss must be one of {sorted(VALUE_LOSSES)}, got {value_loss!r}")
         self.allocator = make_allocator(allocator, allocator_kwargs)
         if isinstance(policy, str):
             if policy not in self.policy_aliases:
@@ -160,12 +197,22 @@ class HATRPO(OnPolicyAlgorithm):
         self.krylov_rtol = krylov_rtol
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
+        self.line_search_accept_ratio = line_search_accept_ratio
         self.n_critic_updates = n_critic_updates
+        self.value_loss = value_loss
+        self.huber_delta = huber_delta
+        self.clip_range_vf = clip_range_vf
+        self.max_grad_norm = max_grad_norm  # type: ignore[assignment]  # SB3 declares float
+        self.bootstrap_truncation = bootstrap_truncation
         self.normalize_advantage = normalize_advantage
         self.target_kl = float(target_kl)
         self.total_kl = total_kl
         self.normalize_value = normalize_value
+        self.normalize_observation = normalize_observation
+        self.clip_observation = clip_observation
+        self.normalize_reward = normalize_reward
         self.value_normalizer: RunningMeanStd | None = None
+        self.reward_scaler: RewardScaler | None = None
         self.last_allocation: list[dict[str, Any]] = []
         self.state_space: spaces.Box | None = None
         self._order_rng = np.random.default_rng(seed)
@@ -232,6 +279,8 @@ class HATRPO(OnPolicyAlgorithm):
             self.action_space,
             self.lr_schedule,
             state_space=self.state_space,
+            normalize_observation=self.normalize_observation,
+            clip_observation=self.clip_observation,
             **self.policy_kwargs,
         )
         self.policy = self.policy.to(self.device)
@@ -244,9 +293,12 @@ class HATRPO(OnPolicyAlgorithm):
             gamma=self.gamma,
             gae_lambda=self.gae_lambda,
             device=self.device,
+            bootstrap_truncation=self.bootstrap_truncation,
         )
         if self.normalize_value and self.value_normalizer is None:
             self.value_normalizer = RunningMeanStd(shape=())
+        if self.normalize_reward and self.reward_scaler is None:
+            self.reward_scaler = RewardScaler(self.n_envs, self.gamma)
 
     def _setup_learn(
         self,
@@ -303,6 +355,8 @@ class HATRPO(OnPolicyAlgorithm):
             self._update_info_buffer(infos, dones)
             n_steps += 1
 
+            if self.reward_scaler is not None:
+                rewards = self.reward_scaler(rewards, dones)
             rollout_buffer.add(self._last_obs, self._last_states, self._last_alive, actions, rewards, dones)  # type: ignore[arg-type]
             for idx in np.flatnonzero(dones):
                 if infos[idx].get("TimeLimit.truncated", False):
@@ -336,13 +390,26 @@ class HATRPO(OnPolicyAlgorithm):
             targets = (returns - mean) / std
         else:
             targets = returns
+        loss_fn = VALUE_LOSSES[self.value_loss]
+        if self.clip_range_vf is not None:
+            with th.no_grad():
+                old_predictions = self.policy.predict_values(states)  # the critic that valued this rollout
         losses = []
         n = states.shape[0]
         for _ in range(self.n_critic_updates):
             for batch in th.randperm(n, device=self.device).split(self.batch_size):
-                loss = F.mse_loss(self.policy.predict_values(states[batch]), targets[batch])
+                predictions = self.policy.predict_values(states[batch])
+                loss = loss_fn(predictions, targets[batch], self.huber_delta)
+                if self.clip_range_vf is not None:
+                    # PPO's (and HARL's) clipped value loss: the larger of the clipped and the plain loss
+                    old = old_predictions[batch]
+                    clipped = old + (predictions - old).clamp(-self.clip_range_vf, self.clip_range_vf)
+                    loss = th.maximum(loss, loss_fn(clipped, targets[batch], self.huber_delta))
+                loss = loss.mean()
                 self.policy.optimizer.zero_grad()
                 loss.backward()
+                if self.max_grad_norm is not None:
+                    th.nn.utils.clip_grad_norm_(self.policy.critic.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
                 losses.append(loss.item())
         return losses
@@ -359,10 +426,10 @@ class HATRPO(OnPolicyAlgorithm):
                 "Non-finite advantages: the critic diverged or the env returned extreme rewards. "
                 "Try normalize_value=True, a lower learning_rate, or scale the rewards."
             )
-        if self.normalize_advantage:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         settings: dict[str, Any] = dict(
             total_kl=self.joint_kl_budget,
+            normalize_advantage=self.normalize_advantage,
+            line_search_accept_ratio=self.line_search_accept_ratio,
             cg_max_steps=self.cg_max_steps,
             cg_damping=self.cg_damping,
             line_search_shrinking_factor=self.line_search_shrinking_factor,
@@ -381,6 +448,8 @@ class HATRPO(OnPolicyAlgorithm):
         planner = self.make_planner(data)  # checks the advantages before any update
         value_losses = self._train_critic(data.states, data.returns)
         results = self.allocator.update_agents(planner, self._order_rng)
+        # After the update, so that the policy that sampled this rollout is exactly the trust region's old policy.
+        self.policy.update_normalizers(data.observations, data.alive, data.states)
         self.last_allocation = [result.as_record(position) for position, result in enumerate(results)]
         self._n_updates += 1
 
@@ -391,7 +460,7 @@ class HATRPO(OnPolicyAlgorithm):
             for key in ("threshold", "kl", "improvement", "predicted_improvement", "position", "potential"):
                 self.logger.record(prefix + key, record[key])
             self.logger.record(prefix + "accepted", float(record["accepted"]))
-            log_std = self.policy.actor(record["agent"]).log_std
+            log_std = self.policy.actor(record["agent"]).action_log_std()
             if log_std is not None:
                 self.logger.record(prefix + "std", float(log_std.detach().exp().mean()))
         self.logger.record("train/kl_budget", budget)

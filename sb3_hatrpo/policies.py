@@ -27,6 +27,10 @@ from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from sb3_hatrpo.normalization import RunningNormalizer
+
+STD_PARAMETRIZATIONS = ("log", "sigmoid")
+
 SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete)
 
 
@@ -43,6 +47,14 @@ def check_action_space(agent: str, action_space: spaces.Space) -> None:
             f"Agent {agent!r} has a Box action space with infinite bounds ({action_space}); "
             "actions are clipped to the bounds, so they must be finite."
         )
+
+
+def normalizable(space: spaces.Space) -> bool:
+    """Whether observations of ``space`` get running mean/std normalisation: float ``Box`` spaces only.
+
+    Images, one-hot (Discrete/MultiDiscrete/MultiBinary) and integer boxes are left as SB3 preprocesses them.
+    """
+    return isinstance(space, spaces.Box) and np.issubdtype(space.dtype, np.floating)
 
 
 def _split_net_arch(net_arch: list[int] | dict[str, list[int]] | None) -> tuple[list[int], list[int]]:
@@ -66,6 +78,11 @@ class Actor(nn.Module):
     :param activation_fn: activation between hidden layers
     :param log_std_init: initial log standard deviation (Box actions; state-independent)
     :param ortho_init: orthogonal initialisation with SB3's gains (sqrt(2) hidden, 0.01 head)
+    :param normalize_observation: running mean/std normalisation of (float ``Box``) observations, inside the actor
+    :param clip_observation: bound of the normalised observations
+    :param std_parametrization: ``"log"``: ``std = exp(log_std)`` (SB3); ``"sigmoid"``:
+        ``std = max_std * sigmoid(x)`` (HARL's ``std_y_coef * sigmoid(x / std_x_coef)``), which caps the std
+    :param max_std: the cap of the ``"sigmoid"`` parametrisation (HARL's ``std_y_coef``, 0.5)
     """
 
     def __init__(
@@ -76,10 +93,21 @@ class Actor(nn.Module):
         activation_fn: type[nn.Module] = nn.Tanh,
         log_std_init: float = 0.0,
         ortho_init: bool = True,
+        normalize_observation: bool = False,
+        clip_observation: float = 10.0,
+        std_parametrization: str = "log",
+        max_std: float = 0.5,
     ) -> None:
         super().__init__()
         self.observation_space = observation_space
         self.action_space = action_space
+        self.std_parametrization = std_parametrization
+        self.max_std = float(max_std)
+        self.obs_normalizer = (
+            RunningNormalizer(tuple(observation_space.shape or ()), clip=clip_observation)
+            if normalize_observation and normalizable(observation_space)
+            else None
+        )
         features_dim = get_flattened_obs_dim(observation_space)
         # Only the "pi" branch is used; vf=[] builds no layers.
         self.mlp_extractor = MlpExtractor(features_dim, dict(pi=net_arch, vf=[]), activation_fn)
@@ -88,6 +116,15 @@ class Actor(nn.Module):
         # split sizes of the logits of a MultiDiscrete action, None otherwise
         self._nvec = [int(n) for n in action_space.nvec] if isinstance(action_space, spaces.MultiDiscrete) else None
         if isinstance(self.action_dist, DiagGaussianDistribution):
+            if std_parametrization == "sigmoid":
+                initial_std = float(np.exp(log_std_init))
+                if not 0.0 < initial_std < self.max_std:
+                    raise ValueError(
+                        f"std_parametrization='sigmoid' caps the std at max_std={self.max_std}, so the initial std "
+                        f"exp(log_std_init) = {initial_std:.3g} must be below it: lower log_std_init or raise max_std"
+                    )
+                # the parameter x with max_std * sigmoid(x) = initial std
+                log_std_init = float(np.log(initial_std / (self.max_std - initial_std)))
             self.action_net, self.log_std = self.action_dist.proba_distribution_net(
                 latent_dim=self.mlp_extractor.latent_dim_pi, log_std_init=log_std_init
             )
@@ -101,7 +138,18 @@ class Actor(nn.Module):
     def _features(self, obs: th.Tensor) -> th.Tensor:
         features = preprocess_obs(obs, self.observation_space)
         assert isinstance(features, th.Tensor)  # Dict observations are rejected when the env is checked
-        return features.flatten(start_dim=1).float()
+        features = features.float()
+        if self.obs_normalizer is not None:
+            features = self.obs_normalizer(features)
+        return features.flatten(start_dim=1)
+
+    def action_log_std(self) -> th.Tensor | None:
+        """The log standard deviation of a Gaussian actor in either parametrisation (``None`` if categorical)."""
+        if self.log_std is None:
+            return None
+        if self.std_parametrization == "sigmoid":
+            return np.log(self.max_std) + nn.functional.logsigmoid(self.log_std)
+        return self.log_std
 
     def distribution(self, obs: th.Tensor) -> Distribution:
         """A fresh SB3 distribution for a batch of observations ``(n, *obs_shape)``.
@@ -113,8 +161,9 @@ class Actor(nn.Module):
         latent = self.mlp_extractor.forward_actor(features)
         dist = copy.copy(self.action_dist)
         if isinstance(dist, DiagGaussianDistribution):
-            assert self.log_std is not None
-            return dist.proba_distribution(self.action_net(latent), self.log_std)
+            log_std = self.action_log_std()
+            assert log_std is not None
+            return dist.proba_distribution(self.action_net(latent), log_std)
         assert isinstance(dist, CategoricalDistribution | MultiCategoricalDistribution)
         return dist.proba_distribution(action_logits=self.action_net(latent))
 
@@ -129,8 +178,9 @@ class Actor(nn.Module):
         """
         features = self._features(obs)
         out = self.action_net(self.mlp_extractor.policy_net(features))
-        if self.log_std is not None:
-            return out if deterministic else out + self.log_std.exp() * th.randn_like(out)
+        log_std = self.action_log_std()
+        if log_std is not None:
+            return out if deterministic else out + log_std.exp() * th.randn_like(out)
         logits = out.split(self._nvec, dim=1) if self._nvec is not None else (out,)
         if deterministic:
             picks = [chunk.argmax(dim=1) for chunk in logits]
@@ -146,12 +196,21 @@ class CentralCritic(nn.Module):
     :param net_arch: hidden layer sizes
     :param activation_fn: activation between hidden layers
     :param ortho_init: orthogonal initialisation (sqrt(2) hidden, 1 output)
+    :param normalize_state: running mean/std normalisation of the global state, inside the critic
+    :param clip_state: bound of the normalised state
     """
 
     def __init__(
-        self, state_dim: int, net_arch: list[int], activation_fn: type[nn.Module] = nn.Tanh, ortho_init: bool = True
+        self,
+        state_dim: int,
+        net_arch: list[int],
+        activation_fn: type[nn.Module] = nn.Tanh,
+        ortho_init: bool = True,
+        normalize_state: bool = False,
+        clip_state: float = 10.0,
     ) -> None:
         super().__init__()
+        self.state_normalizer = RunningNormalizer((state_dim,), clip=clip_state) if normalize_state else None
         self.mlp_extractor = MlpExtractor(state_dim, dict(pi=[], vf=net_arch), activation_fn)
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         if ortho_init:
@@ -160,6 +219,8 @@ class CentralCritic(nn.Module):
 
     def forward(self, states: th.Tensor) -> th.Tensor:
         """Values ``(n,)`` of global states ``(n, state_dim)`` (normalised if the algorithm normalises values)."""
+        if self.state_normalizer is not None:
+            states = self.state_normalizer(states)
         return self.value_net(self.mlp_extractor.forward_critic(states)).squeeze(-1)
 
 
@@ -180,6 +241,13 @@ class HATRPOPolicy(BasePolicy):
     :param ortho_init: orthogonal initialisation
     :param optimizer_class: critic optimiser
     :param optimizer_kwargs: extra critic optimiser arguments
+    :param normalize_observation: running mean/std normalisation of each agent's (float ``Box``) observation
+        and of the global state, inside the networks (saved with them; updated only by
+        :meth:`update_normalizers`)
+    :param clip_observation: bound of the normalised observations and state
+    :param std_parametrization: ``"log"`` (SB3's ``exp(log_std)``) or ``"sigmoid"`` (HARL's
+        ``max_std * sigmoid(x)``) for Gaussian actors
+    :param max_std: the std cap of the ``"sigmoid"`` parametrisation
     """
 
     observation_space: spaces.Dict
@@ -197,7 +265,15 @@ class HATRPOPolicy(BasePolicy):
         ortho_init: bool = True,
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
+        normalize_observation: bool = False,
+        clip_observation: float = 10.0,
+        std_parametrization: str = "log",
+        max_std: float = 0.5,
     ) -> None:
+        if std_parametrization not in STD_PARAMETRIZATIONS:
+            raise ValueError(f"std_parametrization must be one of {STD_PARAMETRIZATIONS}, got {std_parametrization!r}")
+        if not (isinstance(clip_observation, int | float) and clip_observation > 0):
+            raise ValueError(f"clip_observation must be a positive number, got {clip_observation!r}")
         if not isinstance(observation_space, spaces.Dict) or not isinstance(action_space, spaces.Dict):
             raise TypeError("HATRPOPolicy needs per-agent spaces: spaces.Dict observation and action spaces")
         if list(observation_space.spaces) != list(action_space.spaces):
@@ -210,6 +286,10 @@ class HATRPOPolicy(BasePolicy):
         self.activation_fn = activation_fn
         self.log_std_init = log_std_init
         self.ortho_init = ortho_init
+        self.normalize_observation = normalize_observation
+        self.clip_observation = clip_observation
+        self.std_parametrization = std_parametrization
+        self.max_std = max_std
         self.agents: list[str] = list(observation_space.spaces)
         for agent in self.agents:
             check_action_space(agent, action_space[agent])
@@ -217,12 +297,28 @@ class HATRPOPolicy(BasePolicy):
         self.actors = nn.ModuleDict(
             {
                 agent: Actor(
-                    observation_space[agent], action_space[agent], pi_arch, activation_fn, log_std_init, ortho_init
+                    observation_space[agent],
+                    action_space[agent],
+                    pi_arch,
+                    activation_fn,
+                    log_std_init,
+                    ortho_init,
+                    normalize_observation=normalize_observation,
+                    clip_observation=clip_observation,
+                    std_parametrization=std_parametrization,
+                    max_std=max_std,
                 )
                 for agent in self.agents
             }
         )
-        self.critic = CentralCritic(int(np.prod(state_space.shape)), vf_arch, activation_fn, ortho_init)
+        self.critic = CentralCritic(
+            int(np.prod(state_space.shape)),
+            vf_arch,
+            activation_fn,
+            ortho_init,
+            normalize_state=normalize_observation,
+            clip_state=clip_observation,
+        )
         self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
             self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
@@ -237,6 +333,10 @@ class HATRPOPolicy(BasePolicy):
             ortho_init=self.ortho_init,
             optimizer_class=self.optimizer_class,
             optimizer_kwargs=self.optimizer_kwargs,
+            normalize_observation=self.normalize_observation,
+            clip_observation=self.clip_observation,
+            std_parametrization=self.std_parametrization,
+            max_std=self.max_std,
             lr_schedule=lambda _: 0.0,  # the algorithm re-creates the schedule; needed only to build
         )
         return data
@@ -246,6 +346,22 @@ class HATRPOPolicy(BasePolicy):
         actor = self.actors[agent]
         assert isinstance(actor, Actor)
         return actor
+
+    def update_normalizers(
+        self, observations: dict[str, th.Tensor], alive: dict[str, th.Tensor], states: th.Tensor
+    ) -> None:
+        """Fold a rollout into the observation and state statistics (no-op without normalisation).
+
+        :param observations: per-agent observations ``(n, *obs_shape)``
+        :param alive: per-agent 0/1 masks ``(n,)``: an absent agent's padding is not an observation
+        :param states: global states ``(n, state_dim)``
+        """
+        for agent in self.agents:
+            normalizer = self.actor(agent).obs_normalizer
+            if normalizer is not None:
+                normalizer.update(observations[agent][alive[agent] > 0])
+        if self.critic.state_normalizer is not None:
+            self.critic.state_normalizer.update(states)
 
     def predict_values(self, states: th.Tensor) -> th.Tensor:
         """Critic output for global states ``(n, state_dim)``."""

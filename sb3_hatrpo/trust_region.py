@@ -4,13 +4,21 @@ For agent ``i`` with old policy ``pi_old`` and the per-sample factor ``M``
 (``M = A_hat`` before any agent moved; ``M <- M * pi_new / pi_old`` after each accepted
 update, HATRPO's sequential correction, Kuba et al. 2022, Eq. 11):
 
-* surrogate ``L(theta) = mean(alive * pi_theta(a|o) / pi_old(a|o) * M)``
+* surrogate ``L(theta) = mean over alive samples of pi_theta(a|o) / pi_old(a|o) * M``
 * constraint ``KL(theta) = mean over alive samples of KL(pi_old(.|o) || pi_theta(.|o))``
+
+One alive-mask convention (DESIGN §5.3c, HARL's ``use_policy_active_masks``): the surrogate, the
+KL, the advantage normalisation (``A_hat`` of agent ``i`` has mean 0 and std 1 over the samples
+where ``i`` acted, as HARL's) and the factor ``M`` (only the ratios of samples where the moved
+agent acted) all use the agent's own mask, so potentials and KL compare across agents that
+are present for different fractions of the time.
 * ``g = grad L``, ``F = Hessian of KL at theta_old + damping * I``, ``x = CG(F, g)``
 * full step for threshold ``delta``: ``s = sqrt(2 delta / x^T F x) x``; predicted improvement
   ``g^T s = c sqrt(2 delta)`` with the potential ``c = g^T x / sqrt(x^T F x)``
 * backtracking line search on ``s, beta s, beta^2 s, ...``: the first step with
-  ``KL <= delta`` and a positive actual improvement is accepted, else nothing changes.
+  ``KL <= delta`` and a positive actual improvement is accepted (and, with
+  ``line_search_accept_ratio`` ``r > 0``, an actual improvement above ``r`` times the predicted
+  ``g^T (beta^k s)``, HARL's ``accept_ratio``), else nothing changes.
 
 KKT and greedy recompute a waiting agent's direction after another agent moved (``M``
 changed, so ``g`` did; the agent's Fisher matrix ``F`` did not). With ``krylov_rtol`` set the
@@ -104,15 +112,32 @@ def check_krylov_rtol(krylov_rtol: float | None) -> None:
         raise ValueError(f"krylov_rtol must be a non-negative number or None, got {krylov_rtol!r}")
 
 
-class _AgentData:
-    """One agent's rollout samples and frozen old policy."""
+def normalize_on(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
+    """``(values - mean) / (std + 1e-8)`` with mean and std over the samples where ``mask > 0``."""
+    selected = values[mask > 0]
+    if selected.numel() < 2:
+        return values - selected.mean() if selected.numel() else values
+    return (values - selected.mean()) / (selected.std() + 1e-8)
 
-    def __init__(self, actor: Actor, observations: th.Tensor, actions: th.Tensor, alive: th.Tensor) -> None:
+
+class _AgentData:
+    """One agent's rollout samples, advantages and frozen old policy."""
+
+    def __init__(
+        self,
+        actor: Actor,
+        observations: th.Tensor,
+        actions: th.Tensor,
+        alive: th.Tensor,
+        advantages: th.Tensor,
+    ) -> None:
         self.actor = actor
         self.params = [p for p in actor.parameters() if p.requires_grad]
         self.observations = observations
         self.actions = actions
         self.alive = alive
+        self.n_alive = alive.sum().clamp(min=1.0)
+        self.advantages = advantages
         with th.no_grad():
             self.old_distribution = actor.distribution(observations)
             self.old_log_prob = self.old_distribution.log_prob(actions)
@@ -174,12 +199,15 @@ class TrustRegionPlanner:
     :param observations: per-agent observations ``(n, *obs_shape)``
     :param actions: per-agent actions
     :param alive: per-agent 0/1 float masks ``(n,)``
-    :param advantages: team advantages ``(n,)`` (normalised or not: the algorithm decides)
+    :param advantages: team advantages ``(n,)``
     :param total_kl: the joint KL budget ``delta_total`` of this iteration
+    :param normalize_advantage: give each agent the advantages normalised over its own alive samples
     :param cg_max_steps: conjugate-gradient iterations
     :param cg_damping: ``F + damping I``
     :param line_search_shrinking_factor: ``beta`` of the backtracking line search
     :param line_search_max_iter: step sizes tried before giving up
+    :param line_search_accept_ratio: also require actual improvement > ratio * predicted improvement of the
+        tried step (HARL's ``accept_ratio``, 0.5); 0 accepts any positive improvement within the threshold
     :param krylov_rtol: recomputed directions start from the agent's earlier Krylov basis and add
         CG steps only while the relative residual ``||g - F x|| / ||g||`` exceeds this (see the module
         docstring); ``None`` solves every direction from scratch
@@ -194,22 +222,37 @@ class TrustRegionPlanner:
         advantages: th.Tensor,
         *,
         total_kl: float,
+        normalize_advantage: bool = False,
         cg_max_steps: int = 15,
         cg_damping: float = 0.1,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
+        line_search_accept_ratio: float = 0.0,
         krylov_rtol: float | None = 0.05,
     ) -> None:
         check_krylov_rtol(krylov_rtol)
         self.agents = list(actors)
+        self.line_search_accept_ratio = line_search_accept_ratio
         self.krylov_rtol = krylov_rtol
         self.total_kl = total_kl
         self.cg_max_steps = cg_max_steps
         self.cg_damping = cg_damping
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
-        self._data = {a: _AgentData(actors[a], observations[a], actions[a], alive[a]) for a in self.agents}
-        self.factor = advantages.detach().clone()  # M
+        advantages = advantages.detach()
+        self._data = {
+            a: _AgentData(
+                actors[a],
+                observations[a],
+                actions[a],
+                alive[a],
+                normalize_on(advantages, alive[a]) if normalize_advantage else advantages,
+            )
+            for a in self.agents
+        }
+        self.advantages = advantages
+        # M / A_hat: the product of the ratios pi_new / pi_old of the agents updated so far
+        self.correction = th.ones_like(advantages)
         self.factor_version = 0
         self.updated: list[str] = []
 
@@ -217,9 +260,18 @@ class TrustRegionPlanner:
     def n_agents(self) -> int:
         return len(self.agents)
 
+    @property
+    def factor(self) -> th.Tensor:
+        """``M`` on the planner's (un-normalised) advantages; an agent's own is :meth:`factor_of`."""
+        return self.advantages * self.correction
+
+    def factor_of(self, agent: str) -> th.Tensor:
+        """``M`` of ``agent``: its (normalised) advantages times the ratios of the agents updated so far."""
+        return self._data[agent].advantages * self.correction
+
     def _surrogate(self, data: _AgentData, log_prob: th.Tensor) -> th.Tensor:
         ratio = th.exp(log_prob - data.old_log_prob)
-        return (data.alive * ratio * self.factor).mean()
+        return (data.alive * ratio * data.advantages * self.correction).sum() / data.n_alive
 
     def direction(self, agent: str) -> SearchDirection:
         """Gradient, CG direction and potential of ``agent`` for the current ``M``."""
@@ -285,7 +337,8 @@ class TrustRegionPlanner:
         result = StepResult(agent, threshold, 0.0, 0.0, predicted, False, 0.0, direction.potential)
         full_step = direction.full_step(threshold) if threshold > 0 else None
         if full_step is not None and bool(full_step.abs().max() > 0):
-            baseline = float((data.alive * self.factor).mean())  # L(theta_old): every ratio is 1
+            # L(theta_old): every ratio is 1
+            baseline = float((data.alive * data.advantages * self.correction).sum() / data.n_alive)
             fraction = 1.0
             for _ in range(self.line_search_max_iter):
                 data.set_params(data.old_params + fraction * full_step)
@@ -293,7 +346,9 @@ class TrustRegionPlanner:
                 log_prob = distribution.log_prob(data.actions)
                 kl = float(data.kl(distribution))
                 improvement = float(self._surrogate(data, log_prob)) - baseline
-                if math.isfinite(kl) and kl <= threshold and improvement > 0.0:
+                # HARL's accept_ratio: the improvement must reach a share of the first-order prediction
+                good_enough = improvement > self.line_search_accept_ratio * predicted * fraction
+                if math.isfinite(kl) and kl <= threshold and improvement > 0.0 and good_enough:
                     result = StepResult(
                         agent, threshold, kl, improvement, predicted, True, fraction, direction.potential
                     )
@@ -302,7 +357,7 @@ class TrustRegionPlanner:
         if result.accepted and commit:
             # M <- M * pi_new / pi_old on the samples where the agent acted
             ratio = th.exp(log_prob - data.old_log_prob)
-            self.factor = self.factor * th.where(data.alive > 0, ratio, th.ones_like(ratio))
+            self.correction = self.correction * th.where(data.alive > 0, ratio, th.ones_like(ratio))
             self.factor_version += 1
             self.updated.append(agent)
         else:

@@ -105,7 +105,8 @@ def test_mamujoco_entries_follow_harl() -> None:
         hyperparams, _ = get_hyperparams(env_id)
         assert hyperparams["target_kl"] == target_kl
         assert hyperparams["policy_kwargs"]["net_arch"] == [128, 128, 128]
-        assert hyperparams["env_kwargs"]["agent_obsk"] == 0
+        assert "env_kwargs" not in hyperparams  # gymnasium-robotics' default agent_obsk=1, as HARL's reference run
+        assert hyperparams["normalize_observation"] is True
         block = text.split(f"\n{env_id}:\n", 1)[1].split("\n\n", 1)[0]
         assert "HARL" in block, f"{env_id}: say where the values come from"
 
