@@ -2,7 +2,7 @@
 
 Greedy (HATRPO-G) computes ``n (n + 1) / 2`` directions per iteration instead of ``n``
 (DESIGN §5.3) and KKT (HATRPO-W) up to ``2 n - 1``; this benchmark measures what that costs.
-One model (the ``benchmarks/mamujoco.py`` settings) collects a rollout; then every allocator
+One model (the zoo config's settings for the env, as ``benchmarks/mamujoco.py``) collects a rollout; then every allocator
 runs ``train()`` on that same rollout from the same parameters, interleaved and repeated, so
 machine noise hits all of them alike. It prints, per allocator: update seconds, directions
 computed, conjugate-gradient solves, Fisher-vector products and line-search evaluations per
@@ -32,9 +32,9 @@ from sb3_hatrpo import trust_region as tr
 from sb3_hatrpo.allocators import make_allocator
 
 try:  # run as a script (python benchmarks/allocator_cost.py) or as a module
-    from mamujoco import N_ENVS, SETTINGS  # type: ignore[import-not-found]
+    from mamujoco import zoo_settings  # type: ignore[import-not-found]
 except ImportError:
-    from benchmarks.mamujoco import N_ENVS, SETTINGS
+    from benchmarks.mamujoco import zoo_settings
 
 # the package default, which the benchmark measures against recomputing from scratch (None)
 KRYLOV_RTOL: float = inspect.signature(HATRPO).parameters["krylov_rtol"].default
@@ -101,7 +101,7 @@ def direction_accuracy(model: HATRPO, krylov_rtol: float) -> list[tuple[str, flo
             continue
         reused = reusing.direction(agent)
         exact_planner = planner(None, 200)
-        exact_planner.factor = reusing.factor
+        exact_planner.correction = reusing.correction
         exact = exact_planner.direction(agent)
         product = exact_planner._data[agent].fisher_vector_product(reused.direction, model.cg_damping)
         cosine = float(reused.direction @ exact.direction / (reused.direction.norm() * exact.direction.norm()))
@@ -124,13 +124,15 @@ def main() -> None:
     args = parser.parse_args()
     th.set_num_threads(1)
 
-    model = HATRPO("MlpPolicy", args.env, n_envs=N_ENVS, seed=args.seed, allocator="uniform", **SETTINGS)
+    settings, n_envs = zoo_settings(args.env)
+    model = HATRPO("MlpPolicy", args.env, n_envs=n_envs, seed=args.seed, allocator="uniform", **settings)
     # measure on a policy that has started to learn; learn() also resets the envs the rollouts start from
     model.learn(max(args.warmup_steps, 1))
     rollout_seconds: list[float] = []
     update_seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     counts: dict[str, Counter[str]] = {v: Counter() for v in VARIANTS}
     allocators = {v: make_allocator(allocator) for v, (allocator, _) in VARIANTS.items()}
+    accuracy: list[tuple[str, float, float, float]] = []
     for _ in range(args.rollouts):
         callback = CallbackList([])
         callback.init_callback(model)
@@ -149,6 +151,7 @@ def main() -> None:
                     update_seconds[name].append(time.perf_counter() - start)
                 model.policy.load_state_dict(state)
                 model.policy.optimizer.load_state_dict(optimizer_state)
+        accuracy += direction_accuracy(model, KRYLOV_RTOL) if KRYLOV_RTOL is not None else []
         model.allocator = allocators["uniform"]
         model.train()  # move on with uniform so the next rollout comes from a new policy
 
@@ -166,11 +169,16 @@ def main() -> None:
             f"| {c['directions'] / calls:.1f} | {c['fisher_vector_products'] / calls:.1f} "
             f"| {c['kl_evaluations'] / calls:.1f} |"
         )
-    print(f"\nReused directions (krylov_rtol={KRYLOV_RTOL}) against 200-step CG solves:")
+    print(f"\nReused directions (krylov_rtol={KRYLOV_RTOL}) against 200-step CG solves, {args.rollouts} rollouts:")
     print("| agent | cosine | potential rel. error | relative residual |")
     print("|---|---|---|---|")
-    for agent, cosine, error, residual in direction_accuracy(model, KRYLOV_RTOL):
+    for agent, cosine, error, residual in accuracy:
         print(f"| {agent} | {cosine:.4f} | {error:.2%} | {residual:.3f} |")
+    if accuracy:
+        print(
+            f"worst case over {len(accuracy)} recomputed directions: cosine {min(r[1] for r in accuracy):.4f}, "
+            f"potential error {max(r[2] for r in accuracy):.2%}, relative residual {max(r[3] for r in accuracy):.3f}"
+        )
 
 
 if __name__ == "__main__":

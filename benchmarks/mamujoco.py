@@ -55,7 +55,12 @@ def zoo_settings(env_id: str) -> tuple[dict[str, Any], int]:
 
 
 def variant_kwargs(env_id: str, variant: str) -> tuple[dict[str, Any], int]:
-    """Zoo settings with the variant's overrides (``policy_kwargs`` merged key by key)."""
+    """Zoo settings with the variant's overrides (``policy_kwargs`` merged key by key).
+
+    ``package-defaults`` ignores the zoo: ``HATRPO("MlpPolicy", env_id)`` with every constructor default.
+    """
+    if variant == "package-defaults":
+        return {"allocator": "uniform"}, 1
     settings, n_envs = zoo_settings(env_id)
     name, extra = VARIANTS[variant]
     extra = dict(extra)
@@ -84,6 +89,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "uniform-no-truncation-bootstrap": ("uniform", {"bootstrap_truncation": False}),
     "uniform-reward-norm": ("uniform", {"normalize_reward": True}),
+    "package-defaults": ("uniform", {}),  # no zoo settings at all (see variant_kwargs)
 }
 
 

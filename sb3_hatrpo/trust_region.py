@@ -25,8 +25,8 @@ changed, so ``g`` did; the agent's Fisher matrix ``F`` did not). With ``krylov_r
 recomputation starts from what the agent's earlier solves built: the Galerkin projection of
 the new ``g`` onto the span of every vector ``v`` whose product ``F v`` is already known (the
 Krylov basis), which costs no Fisher-vector product. Conjugate gradient continues on the
-remaining residual only while ``||g - F x||`` is above ``krylov_rtol * ||g||`` (and above
-what the agent's first, cold solve reached). ``krylov_rtol=None`` solves from scratch.
+remaining residual only while the relative residual ``||g - F x|| / ||g||`` is above
+``krylov_rtol`` (and above the relative residual the agent's first, cold solve reached). ``krylov_rtol=None`` solves from scratch.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class _AgentData:
         # Every v with its product (F + damping I) v: the Krylov basis later solves start from.
         self.krylov_vectors: list[th.Tensor] = []
         self.krylov_products: list[th.Tensor] = []
-        self.cold_residual: float | None = None  # ||g - F x|| the first solve of this agent reached
+        self.record_krylov = False  # keep the vectors only when a later solve may reuse them
+        self.cold_relative_residual: float | None = None  # ||g - F x|| / ||g|| of this agent's first solve
 
     def kl(self, distribution: Distribution) -> th.Tensor:
         return mean_kl(self.old_distribution, distribution, self.alive)
@@ -162,8 +163,9 @@ class _AgentData:
     def fisher_vector_product(self, vector: th.Tensor, damping: float) -> th.Tensor:
         """``(Hessian of KL at theta_old + damping I) v``, never forming the matrix; recorded for reuse."""
         product = flat_grad(self.grad_kl() @ vector, self.params, retain_graph=True) + damping * vector
-        self.krylov_vectors.append(vector.detach().clone())
-        self.krylov_products.append(product.detach())
+        if self.record_krylov:
+            self.krylov_vectors.append(vector.detach().clone())
+            self.krylov_products.append(product.detach())
         return product
 
     def galerkin(self, gradient: th.Tensor) -> tuple[th.Tensor, th.Tensor] | None:
@@ -250,6 +252,8 @@ class TrustRegionPlanner:
             )
             for a in self.agents
         }
+        for data in self._data.values():
+            data.record_krylov = krylov_rtol is not None
         self.advantages = advantages
         # M / A_hat: the product of the ratios pi_new / pi_old of the agents updated so far
         self.correction = th.ones_like(advantages)
@@ -288,7 +292,9 @@ class TrustRegionPlanner:
         if solved is None:
             direction = conjugate_gradient_solver(fvp, gradient, max_iter=self.cg_max_steps).detach()
             product = fvp(direction).detach()
-            data.cold_residual = float(th.linalg.vector_norm(gradient - product))
+            data.cold_relative_residual = float(
+                th.linalg.vector_norm(gradient - product) / th.linalg.vector_norm(gradient)
+            )
         else:
             direction, product = solved
         curvature = float(direction @ product)
@@ -301,14 +307,15 @@ class TrustRegionPlanner:
         self, data: _AgentData, gradient: th.Tensor, fvp: partial[th.Tensor]
     ) -> tuple[th.Tensor, th.Tensor] | None:
         """``(x, F x)`` from the agent's Krylov basis and a few more CG steps, or ``None`` to solve cold."""
-        if self.krylov_rtol is None or data.cold_residual is None:
+        if self.krylov_rtol is None or data.cold_relative_residual is None:
             return None
         projected = data.galerkin(gradient)
         if projected is None:
             return None
         start, start_product = projected
         residual = gradient - start_product
-        tolerance = max(data.cold_residual, self.krylov_rtol * float(th.linalg.vector_norm(gradient)))
+        # relative to this gradient's norm: the cold solve's gradient had another scale
+        tolerance = max(data.cold_relative_residual, self.krylov_rtol) * float(th.linalg.vector_norm(gradient))
         if float(th.linalg.vector_norm(residual)) <= tolerance:
             return start, start_product
         correction = conjugate_gradient_solver(fvp, residual, max_iter=self.cg_max_steps, residual_tol=tolerance**2)

@@ -162,3 +162,79 @@ def test_make_allocator_names_aliases_and_errors():
         KKTAllocator(min_kl_fraction=2.0)
     assert set(ALLOCATORS) >= {"uniform", "hatrpo", "kkt", "w", "greedy", "g"}
     assert issubclass(KKTAllocator, BaseAllocator)
+
+
+# ------------------------------------------------ greedy's rule, on a scripted planner
+class _Direction:
+    def __init__(self, agent: str, version: int) -> None:
+        self.agent, self.factor_version, self.potential = agent, version, 1.0
+
+
+class ScriptedPlanner:
+    """A planner whose steps are known in closed form: improvement ``c sqrt(delta)``, KL ``k delta``.
+
+    The order of ``agents`` puts the best ratio (``c / k``) in the middle, the largest improvement first.
+    """
+
+    def __init__(self, total_kl: float = 0.03) -> None:
+        self.agents = ["strong_but_costly", "efficient", "weak"]
+        self.coefficients = {"strong_but_costly": (3.0, 1.0), "efficient": (2.0, 0.25), "weak": (1.0, 0.5)}
+        self.total_kl = total_kl
+        self.version = 0
+        self.committed: list[tuple[str, float]] = []
+
+    @property
+    def n_agents(self) -> int:
+        return len(self.agents)
+
+    def direction(self, agent: str) -> _Direction:
+        return _Direction(agent, self.version)
+
+    def is_current(self, direction: _Direction) -> bool:
+        return direction.factor_version == self.version
+
+    def candidate(self, agent: str, threshold: float) -> tuple[float, float]:
+        c, k = self.coefficients[agent]
+        return c * np.sqrt(threshold), k * threshold
+
+    def step(self, direction: _Direction, threshold: float, *, commit: bool = True):
+        from sb3_hatrpo.trust_region import StepResult
+
+        improvement, kl = self.candidate(direction.agent, threshold)
+        if commit:
+            self.committed.append((direction.agent, threshold))
+            self.version += 1
+        return StepResult(direction.agent, threshold, kl, improvement, improvement, True, 1.0, 1.0)
+
+    def skip(self, agent: str, threshold: float = 0.0):
+        from sb3_hatrpo.trust_region import StepResult
+
+        return StepResult(agent, threshold, 0.0, 0.0, 0.0, False, 0.0, 0.0)
+
+
+def test_greedy_moves_the_best_improvement_to_kl_ratio_first_not_the_first_or_the_largest():
+    planner = ScriptedPlanner()
+    GreedyAllocator().update_agents(planner, np.random.default_rng(0))
+    # ratios at the share B/3: c sqrt(d) / (k d) -> 3/1 : 2/0.25 : 1/0.5 = 3 : 8 : 2
+    assert [agent for agent, _ in planner.committed] == ["efficient", "strong_but_costly", "weak"]
+
+
+def test_greedy_threshold_is_the_budget_times_the_chosen_ratio_share():
+    planner = ScriptedPlanner(total_kl=0.03)
+    GreedyAllocator(eps=1e-12).update_agents(planner, np.random.default_rng(0))
+    share = 0.03 / 3
+    ratios = {}
+    for agent in planner.agents:
+        improvement, kl = planner.candidate(agent, share)
+        ratios[agent] = improvement / kl
+    expected_first = 0.03 * ratios["efficient"] / sum(ratios.values())
+    assert planner.committed[0][1] == pytest.approx(expected_first, rel=1e-9)
+    assert planner.committed[0][1] != pytest.approx(share)  # not the plain B / |R|
+    # second round: what is left of the budget, shared among the two remaining agents by their ratios
+    left = 0.03 - planner.candidate("efficient", expected_first)[1]
+    ratios2 = {}
+    for agent in ("strong_but_costly", "weak"):
+        improvement, kl = planner.candidate(agent, left / 2)
+        ratios2[agent] = improvement / kl
+    expected_second = left * ratios2["strong_but_costly"] / sum(ratios2.values())
+    assert planner.committed[1][1] == pytest.approx(expected_second, rel=1e-9)

@@ -162,12 +162,16 @@ def _recomputed_direction(krylov_rtol, seed=6):
     problem = make_problem(n_agents=2, n=512, seed=seed, net_arch=(64, 64))  # CG does not converge in 10 steps
     # little damping: the Fisher matrix is ill-conditioned, so 10 CG steps do not converge
     planner = planner_for(problem, cg_max_steps=10, cg_damping=DAMPING, krylov_rtol=krylov_rtol)
+    data = planner._data["agent_1"]
+    calls = []
+    original = data.fisher_vector_product
+    data.fisher_vector_product = lambda vector, damping: calls.append(1) or original(vector, damping)
     first = planner.direction("agent_1")  # cold solve, with M = A_hat
-    cold_products = len(planner._data["agent_1"].krylov_products)
+    cold_products = len(calls)
     assert planner.step(planner.direction("agent_0"), 0.01).accepted  # M changes
-    products_before = len(planner._data["agent_1"].krylov_products)
     recomputed = planner.direction("agent_1")
-    new_products = len(planner._data["agent_1"].krylov_products) - products_before
+    new_products = len(calls) - cold_products
+    data.fisher_vector_product = original
     return planner, first, recomputed, new_products, cold_products
 
 
@@ -210,11 +214,30 @@ def test_krylov_rtol_zero_solves_as_accurately_as_the_cold_solve():
     fresh, fresh_data = _fresh_direction(planner, "agent_1", cg_max_steps=10)
     residual = reused.gradient - fresh_data.fisher_vector_product(reused.direction, damping=DAMPING)
     fresh_residual = fresh.gradient - fresh_data.fisher_vector_product(fresh.direction, damping=DAMPING)
-    assert float(residual.norm()) <= max(data.cold_residual, float(fresh_residual.norm())) * 1.01
+    cold = data.cold_relative_residual * float(reused.gradient.norm())
+    assert float(residual.norm()) <= max(cold, float(fresh_residual.norm())) * 1.01
+
+
+def test_krylov_tolerance_is_relative_to_the_new_gradient():
+    """The same problem with M scaled by 1000: an absolute tolerance from the cold solve would stop at once."""
+    problem = make_problem(n_agents=2, n=512, seed=6, net_arch=(64, 64))
+    actors, obs, actions, alive, advantages = problem
+    planner = TrustRegionPlanner(
+        actors, obs, actions, alive, advantages * 1e-3, total_kl=0.02, cg_max_steps=10, cg_damping=DAMPING
+    )
+    planner.direction("agent_1")  # cold solve with a tiny gradient
+    assert planner.step(planner.direction("agent_0"), 0.01).accepted
+    planner.correction = planner.correction * 1e3  # a much larger gradient for the recomputation
+    reused = planner.direction("agent_1")
+    data = planner._data["agent_1"]
+    residual = reused.gradient - data.fisher_vector_product(reused.direction, damping=DAMPING)
+    allowed = max(0.05, data.cold_relative_residual) * float(reused.gradient.norm())
+    assert float(residual.norm()) <= allowed * 1.001
 
 
 def test_without_krylov_reuse_every_direction_is_solved_from_scratch():
     planner, _, recomputed, new_products, cold_products = _recomputed_direction(krylov_rtol=None)
+    assert planner._data["agent_1"].krylov_vectors == []  # nothing recorded when nothing will reuse it
     assert new_products == cold_products  # CG's first residual, its steps and the curvature product
     fresh, _ = _fresh_direction(planner, "agent_1", cg_max_steps=10)
     assert th.allclose(recomputed.gradient, fresh.gradient)
@@ -223,3 +246,76 @@ def test_without_krylov_reuse_every_direction_is_solved_from_scratch():
 def test_krylov_rtol_must_be_non_negative():
     with pytest.raises(ValueError, match="krylov_rtol"):
         planner_for(make_problem(), krylov_rtol=-0.1)
+
+
+# ------------------------------------------------------- one alive-mask convention (DESIGN §5.3c)
+def _half_dead_problem(dead_actions: float, dead_advantage: float = 0.0):
+    """agent_0 is absent on the second half of the samples; there its actions and advantages are garbage."""
+    actors, obs, actions, alive, advantages = make_problem(n_agents=2, n=256, seed=3)
+    alive = dict(alive)
+    alive["agent_0"] = th.cat([th.ones(128), th.zeros(128)])
+    actions = dict(actions)
+    actions["agent_0"] = actions["agent_0"].clone()
+    actions["agent_0"][128:] = dead_actions
+    advantages = advantages.clone()
+    advantages[128:] += dead_advantage
+    return actors, obs, actions, alive, advantages
+
+
+def test_rows_where_an_agent_is_absent_change_neither_its_gradient_nor_the_factor():
+    results = []
+    for garbage in (0.0, 50.0):
+        problem = _half_dead_problem(dead_actions=garbage)
+        # identical actor parameters in both runs
+        for actor in problem[0].values():
+            th.manual_seed(0)
+            for p in actor.parameters():
+                p.data.normal_(0, 0.3)
+        planner = planner_for(problem, normalize_advantage=True)
+        direction = planner.direction("agent_0")
+        result = planner.step(direction, 0.01)
+        assert result.accepted
+        results.append((direction.gradient.clone(), planner.correction.clone(), planner.kl_of("agent_0")))
+    (g_a, m_a, kl_a), (g_b, m_b, kl_b) = results
+    assert th.allclose(g_a, g_b, atol=1e-7)
+    assert th.allclose(m_a, m_b, atol=1e-6)
+    assert kl_a == pytest.approx(kl_b, rel=1e-6)
+    # M only multiplies the samples where the moved agent acted
+    assert th.equal(m_a[128:], th.ones(128))
+    assert not th.allclose(m_a[:128], th.ones(128))
+
+
+def test_each_agents_advantages_are_normalised_over_its_own_alive_samples():
+    problem = _half_dead_problem(dead_actions=0.0, dead_advantage=100.0)
+    planner = planner_for(problem, normalize_advantage=True)
+    own = planner.factor_of("agent_0")[:128]
+    assert float(own.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(own.std()) == pytest.approx(1.0, rel=1e-4)
+    everyone = planner.factor_of("agent_1")  # alive everywhere: normalised over all samples
+    assert float(everyone.mean()) == pytest.approx(0.0, abs=1e-5)
+    # the surrogate of agent_0 averages over its alive samples, like its KL: the garbage half is invisible
+    clean = planner_for(_half_dead_problem(dead_actions=0.0, dead_advantage=0.0), normalize_advantage=True)
+    assert th.allclose(planner.factor_of("agent_0")[:128], clean.factor_of("agent_0")[:128], atol=1e-5)
+
+
+def test_scaling_the_advantages_leaves_normalised_directions_unchanged():
+    problem = make_problem(n_agents=2, seed=7)
+    scaled = (*problem[:4], problem[4] * 1000.0 + 5.0)
+    direction = planner_for(problem, normalize_advantage=True).direction("agent_0")
+    direction_scaled = planner_for(scaled, normalize_advantage=True).direction("agent_0")
+    assert direction_scaled.potential == pytest.approx(direction.potential, rel=1e-4)
+    unnormalised = planner_for(scaled, normalize_advantage=False).direction("agent_0")
+    assert unnormalised.potential > 100 * direction.potential
+
+
+def test_accept_ratio_rejects_steps_that_fall_short_of_the_prediction():
+    planner = planner_for(make_problem(seed=2), line_search_accept_ratio=0.0)
+    plain = planner.step(planner.direction("agent_1"), 0.05, commit=False)
+    strict = planner_for(make_problem(seed=2), line_search_accept_ratio=0.999)
+    result = strict.step(strict.direction("agent_1"), 0.05, commit=False)
+    assert plain.accepted
+    # the plain step falls short of its linear prediction, so the strict search must not accept it
+    assert plain.improvement < 0.999 * plain.predicted_improvement * plain.step_fraction
+    assert not (result.accepted and result.step_fraction == plain.step_fraction)
+    if result.accepted:
+        assert result.improvement > 0.999 * result.predicted_improvement * result.step_fraction
