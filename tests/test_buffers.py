@@ -54,3 +54,22 @@ def test_buffer_flattens_agents_and_places_truncation_values():
     assert data.alive["b"].tolist() == [1, 1, 1, 1, 1, 0]
     with pytest.raises(RuntimeError, match="full"):
         buffer.add({}, np.zeros((2, 4)), np.zeros((2, 2)), {}, np.zeros(2), np.zeros(2))
+
+
+def test_without_truncation_bootstrap_the_truncated_step_gets_zero_advantage():
+    """HARL's use_proper_time_limits: the truncated step teaches nothing; earlier steps bootstrap from V(s_t)."""
+    rewards = np.array([[1.0], [1.0], [1.0]], np.float32)
+    values = np.array([[0.5], [0.6], [0.7]], np.float32)
+    dones = np.array([[False], [False], [True]])
+    truncated = np.array([[False], [False], [True]])
+    advantages, returns = compute_gae(
+        rewards, values, dones, np.zeros(1, np.float32), np.array([[0], [0], [9.0]], np.float32), 0.9, 1.0,
+        truncated=truncated,
+    )
+    assert advantages[2, 0] == 0.0 and returns[2, 0] == pytest.approx(0.7)
+    # step 1: r + gamma V(s_2) - V(s_1), and nothing flows back from the truncated step
+    assert advantages[1, 0] == pytest.approx(1.0 + 0.9 * 0.7 - 0.6)
+    bootstrapped, _ = compute_gae(
+        rewards, values, dones, np.zeros(1, np.float32), np.array([[0], [0], [9.0]], np.float32), 0.9, 1.0
+    )
+    assert bootstrapped[2, 0] == pytest.approx(1.0 + 0.9 * 9.0 - 0.7)

@@ -121,10 +121,60 @@ def test_an_agent_leaving_mid_episode():
     model.learn(128)
     alive = model.rollout_buffer.alive
     assert alive[..., 0].all() and not alive[..., 1].all() and alive[..., 1].any()
-    # the leaver's actions on samples after it left do not move its policy: KL is measured where it acted
-    assert all(np.isfinite(r["kl"]) for r in model.last_allocation)
+    # The leaver's padding rows (after it left) must not count: garbage actions there change nothing.
+    data = model.rollout_buffer.get()
+    dead = data.alive["leaver"] == 0
+    garbage = {**data.actions, "leaver": th.where(dead, 1 - data.actions["leaver"], data.actions["leaver"])}
+    directions = []
+    for actions in (data.actions, garbage):
+        planner = model.make_planner(type(data)(**{**data.__dict__, "actions": actions}))
+        directions.append(planner.direction("leaver"))
+    assert th.allclose(directions[0].gradient, directions[1].gradient)
+    assert directions[0].potential == pytest.approx(directions[1].potential)
+    for record in model.last_allocation:
+        assert not record["accepted"] or record["kl"] <= record["threshold"]
     actions, _ = model.predict({"stayer": np.zeros(2, np.float32)})
     assert list(actions) == ["stayer"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(value_loss="huber", huber_delta=1.0),
+        dict(clip_range_vf=0.2, max_grad_norm=0.5),
+        dict(bootstrap_truncation=False, line_search_accept_ratio=0.5),
+        dict(policy_kwargs=dict(net_arch=[16], std_parametrization="sigmoid", log_std_init=-1.2)),
+    ],
+    ids=["huber", "clipped-critic", "harl-truncation-and-accept-ratio", "sigmoid-std"],
+)
+def test_harl_options_train_and_survive_save_load(tmp_path, options):
+    model = HATRPO("MlpPolicy", "games:differential", seed=0, **{**TINY, **options})
+    model.learn(128)
+    model.save(tmp_path / "m")
+    loaded = HATRPO.load(tmp_path / "m")
+    for key, value in options.items():
+        if key != "policy_kwargs":
+            assert getattr(loaded, key) == value
+    assert loaded.policy.std_parametrization == model.policy.std_parametrization
+    obs = {"agent_0": np.ones(1, np.float32), "agent_1": np.ones(1, np.float32)}
+    expected, _ = model.predict(obs, deterministic=True)
+    actual, _ = loaded.predict(obs, deterministic=True)
+    for agent in obs:
+        np.testing.assert_array_equal(actual[agent], expected[agent])
+
+
+def test_clipped_critic_moves_its_predictions_less_per_update():
+    """One rollout, the same critic, a huge learning rate: clipping bounds how far predictions move."""
+    moved = {}
+    for clip in (None, 0.05):
+        model = HATRPO("MlpPolicy", "games:differential", seed=0, **{**TINY, "learning_rate": 0.05}, clip_range_vf=clip)
+        states = th.randn(64, model.state_space.shape[0])
+        returns = 50 * th.randn(64)
+        before = model.policy.predict_values(states).detach()
+        model.value_normalizer = None  # raw targets, far from the predictions
+        model._train_critic(states, returns)
+        moved[clip] = float((model.policy.predict_values(states).detach() - before).abs().mean())
+    assert moved[0.05] < 0.5 * moved[None]
 
 
 # ------------------------------------------------------------- predict

@@ -1,0 +1,58 @@
+"""Actors: the rollout's fast sampler and the trust region's distribution are the same policy."""
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+
+from sb3_hatrpo.policies import Actor
+
+OBS = spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+
+@pytest.mark.parametrize(
+    "action_space, kwargs",
+    [
+        (spaces.Box(-1.0, 1.0, (2,), np.float32), dict(log_std_init=-0.7)),
+        (spaces.Box(-1.0, 1.0, (2,), np.float32), dict(log_std_init=-1.5, std_parametrization="sigmoid")),
+        (spaces.Discrete(4), {}),
+        (spaces.MultiDiscrete([3, 2]), {}),
+    ],
+    ids=["gaussian", "gaussian-sigmoid-std", "categorical", "multi-categorical"],
+)
+def test_sample_and_distribution_define_the_same_distribution(action_space, kwargs):
+    th.manual_seed(0)
+    actor = Actor(OBS, action_space, [16], ortho_init=False, **kwargs)
+    obs = th.full((20_000, 3), 0.3)
+    with th.no_grad():
+        samples = actor.sample(obs)
+        distribution = actor.distribution(obs[:1])
+        modes = actor.sample(obs[:1], deterministic=True)
+        assert th.equal(modes, distribution.mode())
+        if isinstance(action_space, spaces.Box):
+            mean, std = distribution.distribution.mean[0], distribution.distribution.stddev[0]
+            assert th.allclose(samples.mean(0), mean, atol=4 * float(std.max()) / np.sqrt(20_000))
+            assert th.allclose(samples.std(0), std, rtol=0.03)
+        else:
+            # the empirical frequencies of each categorical match the distribution's probabilities
+            columns = samples.reshape(20_000, -1)
+            probabilities = (
+                [distribution.distribution.probs[0]]
+                if isinstance(action_space, spaces.Discrete)
+                else [d.probs[0] for d in distribution.distribution]
+            )
+            for column, probs in zip(columns.T, probabilities):
+                counts = th.bincount(column, minlength=len(probs)).float() / 20_000
+                assert th.allclose(counts, probs, atol=0.015)
+        # and the log-probabilities the trust region uses are those of the sampled actions' law
+        assert th.isfinite(actor.distribution(obs[:100]).log_prob(samples[:100])).all()
+
+
+def test_sigmoid_std_starts_at_exp_log_std_init_and_never_exceeds_max_std():
+    actor = Actor(OBS, spaces.Box(-1.0, 1.0, (2,), np.float32), [8], log_std_init=-1.0, std_parametrization="sigmoid")
+    assert th.allclose(actor.action_log_std().exp(), th.full((2,), float(np.exp(-1.0))), rtol=1e-5)
+    with th.no_grad():
+        actor.log_std.fill_(50.0)
+    assert float(actor.action_log_std().detach().exp().max()) <= 0.5
+    with pytest.raises(ValueError, match="max_std"):
+        Actor(OBS, spaces.Box(-1.0, 1.0, (2,), np.float32), [8], log_std_init=0.0, std_parametrization="sigmoid")
