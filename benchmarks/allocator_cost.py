@@ -2,7 +2,7 @@
 
 Greedy (HATRPO-G) computes ``n (n + 1) / 2`` directions per iteration instead of ``n``
 (DESIGN §5.3) and KKT (HATRPO-W) up to ``2 n - 1``; this benchmark measures what that costs.
-One model (the zoo config's settings for the env, as ``benchmarks/mamujoco.py``) collects a rollout; then every allocator
+One model (the zoo config's settings, as ``benchmarks/mamujoco.py``) collects a rollout; then every allocator
 runs ``train()`` on that same rollout from the same parameters, interleaved and repeated, so
 machine noise hits all of them alike. It prints, per allocator: update seconds, directions
 computed, conjugate-gradient solves, Fisher-vector products and line-search evaluations per

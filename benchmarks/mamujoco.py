@@ -67,6 +67,7 @@ def variant_kwargs(env_id: str, variant: str) -> tuple[dict[str, Any], int]:
     policy_kwargs = {**settings.get("policy_kwargs", {}), **extra.pop("policy_kwargs", {})}
     return {**settings, **extra, "policy_kwargs": policy_kwargs, "allocator": name}, n_envs
 
+
 # Variant -> (allocator, extra HATRPO arguments). "kkt" and "greedy" are the paper's versions, every
 # recomputed direction solved from scratch; "-krylov" starts it from the agent's Krylov basis (the
 # package default, krylov_rtol=0.05). Uniform never recomputes a direction, so it has one variant.
@@ -84,8 +85,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform-accept-ratio": ("uniform", {"line_search_accept_ratio": 0.5}),
     "uniform-harl-critic": (
         "uniform",
-        {"value_loss": "huber", "clip_range_vf": 0.2, "max_grad_norm": 10.0,
-         "policy_kwargs": {"optimizer_kwargs": {"eps": 1e-5}}},
+        {
+            "value_loss": "huber",
+            "clip_range_vf": 0.2,
+            "max_grad_norm": 10.0,
+            "policy_kwargs": {"optimizer_kwargs": {"eps": 1e-5}},
+        },
     ),
     "uniform-no-truncation-bootstrap": ("uniform", {"bootstrap_truncation": False}),
     "uniform-reward-norm": ("uniform", {"normalize_reward": True}),

@@ -1,10 +1,12 @@
 """Training throughput: HATRPO on MaMuJoCo HalfCheetah-2x3 against sb3-contrib TRPO on HalfCheetah-v5.
 
-Both run in this process, side by side, with matching settings (n_steps, n_envs, network
-sizes, CG steps, critic updates, minibatch size), so their ratio is meaningful on a shared
-machine. Also prints the raw env steps/s with random actions: the ceiling of each loop.
+Both run in this process, side by side and alternating, with the zoo config's settings for
+``mamujoco:HalfCheetah-2x3`` (n_steps, n_envs, network, CG steps, critic updates, minibatch size;
+``zoo_configs/hatrpo.yml`` is the one source of tuned settings), so their ratio is meaningful on a
+shared machine. HATRPO also runs with ``normalize_observation=False``, which prices the observation
+normalisation. Also prints the raw env steps/s with random actions: the ceiling of each loop.
 
-    python benchmarks/throughput.py --timesteps 40960 --repeats 2
+    python benchmarks/throughput.py --timesteps 40000 --repeats 2
 """
 
 from __future__ import annotations
@@ -19,6 +21,29 @@ from sb3_contrib import TRPO
 from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 
 from sb3_hatrpo import HATRPO, make_vec_env
+
+try:  # run as a script (python benchmarks/throughput.py) or as a module
+    from mamujoco import zoo_settings  # type: ignore[import-not-found]
+except ImportError:
+    from benchmarks.mamujoco import zoo_settings
+
+ENV_ID = "mamujoco:HalfCheetah-2x3"
+# sb3-contrib TRPO takes these of the zoo entry; the rest (allocators, normalisation) are HATRPO's own
+TRPO_KEYS = (
+    "n_steps",
+    "batch_size",
+    "learning_rate",
+    "gamma",
+    "gae_lambda",
+    "cg_max_steps",
+    "cg_damping",
+    "line_search_shrinking_factor",
+    "line_search_max_iter",
+    "n_critic_updates",
+    "target_kl",
+    "normalize_advantage",
+)
+ALGOS = ("hatrpo", "hatrpo-no-obs-norm", "trpo")
 
 
 def raw_multiagent_steps_per_second(n_steps: int) -> float:
@@ -46,28 +71,35 @@ def raw_single_agent_steps_per_second(n_steps: int) -> float:
     return n_steps / (time.perf_counter() - start)
 
 
-def train_steps_per_second(algo: str, timesteps: int, settings: dict, vec_env_cls: str) -> float:
-    n_envs = settings["n_envs"]
-    common = dict(
-        n_steps=settings["n_steps"],
-        batch_size=settings["batch_size"],
-        cg_max_steps=settings["cg_max_steps"],
-        n_critic_updates=settings["n_critic_updates"],
-        target_kl=0.01,
-        policy_kwargs=dict(net_arch=dict(pi=settings["net_arch"], vf=settings["net_arch"])),
-        seed=0,
-        device="cpu",
-    )
-    if algo == "hatrpo":
-        env = make_vec_env("mamujoco:HalfCheetah-2x3", n_envs=n_envs, seed=0, vec_env_cls=vec_env_cls)
-        model = HATRPO("MlpPolicy", env, **common)
+def train_steps_per_second(algo: str, timesteps: int, vec_env_cls: str) -> float:
+    """Training steps/s of one run of ``algo`` (one of ``ALGOS``) with the zoo settings, after a warm-up."""
+    settings, n_envs = zoo_settings(ENV_ID)
+    common = dict(seed=0, device="cpu")
+    if algo.startswith("hatrpo"):
+        env = make_vec_env(ENV_ID, n_envs=n_envs, seed=0, vec_env_cls=vec_env_cls)
+        model = HATRPO(
+            "MlpPolicy",
+            env,
+            **settings,
+            **common,
+            **({"normalize_observation": False} if "no-obs-norm" in algo else {}),
+        )
+        n_steps = model.n_steps
     else:
         from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
         cls = SubprocVecEnv if vec_env_cls == "subproc" else DummyVecEnv
         env = sb3_make_vec_env("HalfCheetah-v5", n_envs=n_envs, seed=0, vec_env_cls=cls)
-        model = TRPO("MlpPolicy", env, **common)
-    model.learn(settings["n_steps"] * n_envs)  # warm-up: first rollout, allocations, thread pools
+        policy_kwargs = dict(settings["policy_kwargs"])
+        net_arch = policy_kwargs.pop("net_arch")
+        policy_kwargs = {
+            "net_arch": dict(pi=net_arch, vf=net_arch),
+            **{k: v for k, v in policy_kwargs.items() if k in ("activation_fn", "log_std_init")},
+        }
+        kwargs = {k: settings[k] for k in TRPO_KEYS if k in settings}
+        model = TRPO("MlpPolicy", env, policy_kwargs=policy_kwargs, **kwargs, **common)
+        n_steps = model.n_steps
+    model.learn(n_steps * n_envs)  # warm-up: first rollout, allocations, thread pools
     start = time.perf_counter()
     model.learn(timesteps, reset_num_timesteps=False)
     elapsed = time.perf_counter() - start
@@ -89,24 +121,15 @@ PROFILE_PARTS = [
 ]
 
 
-def profile_hatrpo(timesteps: int, settings: dict, vec_env_cls: str) -> None:
-    """cProfile one HATRPO run and print the share of wall time of each part of an iteration."""
+def profile_hatrpo(timesteps: int, vec_env_cls: str) -> None:
+    """cProfile one HATRPO run (zoo settings) and print the share of wall time of each part of an iteration."""
     import cProfile
     import pstats
 
-    env = make_vec_env("mamujoco:HalfCheetah-2x3", n_envs=settings["n_envs"], seed=0, vec_env_cls=vec_env_cls)
-    model = HATRPO(
-        "MlpPolicy",
-        env,
-        n_steps=settings["n_steps"],
-        batch_size=settings["batch_size"],
-        cg_max_steps=settings["cg_max_steps"],
-        n_critic_updates=settings["n_critic_updates"],
-        target_kl=0.01,
-        policy_kwargs=dict(net_arch=settings["net_arch"]),
-        seed=0,
-    )
-    model.learn(settings["n_steps"] * settings["n_envs"])
+    settings, n_envs = zoo_settings(ENV_ID)
+    env = make_vec_env(ENV_ID, n_envs=n_envs, seed=0, vec_env_cls=vec_env_cls)
+    model = HATRPO("MlpPolicy", env, **settings, seed=0)
+    model.learn(model.n_steps * n_envs)
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
@@ -125,38 +148,32 @@ def profile_hatrpo(timesteps: int, settings: dict, vec_env_cls: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timesteps", type=int, default=40960, help="timed training steps per run")
+    parser.add_argument("--timesteps", type=int, default=40000, help="timed training steps per run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each algorithm")
-    parser.add_argument("--n-envs", type=int, default=2)
-    parser.add_argument("--n-steps", type=int, default=1024)
     parser.add_argument("--vec-env", choices=["dummy", "subproc"], default="dummy")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is as fast as 2 for small MLPs)")
     parser.add_argument("--profile", action="store_true", help="also profile one HATRPO run: where the time goes")
     args = parser.parse_args(argv)
     th.set_num_threads(args.threads)
-    settings = dict(
-        n_envs=args.n_envs,
-        n_steps=args.n_steps,
-        batch_size=128,
-        cg_max_steps=15,
-        n_critic_updates=10,
-        net_arch=[64, 64],
+    settings, n_envs = zoo_settings(ENV_ID)
+    print(
+        f"zoo settings of {ENV_ID}: {settings}, n_envs={n_envs}, vec_env={args.vec_env}, torch threads={args.threads}"
     )
-    print(f"settings: {settings}, vec_env={args.vec_env}, torch threads={args.threads}")
     raw_ma = raw_multiagent_steps_per_second(5000)
     raw_sa = raw_single_agent_steps_per_second(5000)
     print(f"raw env steps/s (random actions): MaMuJoCo HalfCheetah-2x3 {raw_ma:,.0f}, HalfCheetah-v5 {raw_sa:,.0f}")
-    results: dict[str, list[float]] = {"hatrpo": [], "trpo": []}
+    results: dict[str, list[float]] = {algo: [] for algo in ALGOS}
     for repeat in range(args.repeats):
-        for algo in ("hatrpo", "trpo"):  # alternate, so drifts in machine load hit both
-            sps = train_steps_per_second(algo, args.timesteps, settings, args.vec_env)
+        for algo in ALGOS:  # alternate, so drifts in machine load hit all alike
+            sps = train_steps_per_second(algo, args.timesteps, args.vec_env)
             results[algo].append(sps)
-            print(f"  repeat {repeat}: {algo:6s} {sps:,.0f} training steps/s")
-    hatrpo, trpo = np.median(results["hatrpo"]), np.median(results["trpo"])
+            print(f"  repeat {repeat}: {algo:18s} {sps:,.0f} training steps/s")
+    hatrpo, plain, trpo = (float(np.median(results[algo])) for algo in ALGOS)
     print(f"HATRPO (2 actors) {hatrpo:,.0f} steps/s | TRPO (1 actor) {trpo:,.0f} steps/s | ratio {hatrpo / trpo:.2f}x")
+    print(f"observation normalisation: {plain:,.0f} steps/s without, {hatrpo:,.0f} with ({hatrpo / plain - 1:+.1%})")
     print(f"share of the raw env ceiling: HATRPO {hatrpo / raw_ma:.0%}, TRPO {trpo / raw_sa:.0%}")
     if args.profile:
-        profile_hatrpo(args.timesteps, settings, args.vec_env)
+        profile_hatrpo(args.timesteps, args.vec_env)
 
 
 if __name__ == "__main__":

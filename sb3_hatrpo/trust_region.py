@@ -26,7 +26,8 @@ recomputation starts from what the agent's earlier solves built: the Galerkin pr
 the new ``g`` onto the span of every vector ``v`` whose product ``F v`` is already known (the
 Krylov basis), which costs no Fisher-vector product. Conjugate gradient continues on the
 remaining residual only while the relative residual ``||g - F x|| / ||g||`` is above
-``krylov_rtol`` (and above the relative residual the agent's first, cold solve reached). ``krylov_rtol=None`` solves from scratch.
+``krylov_rtol`` (and above the relative residual the agent's first, cold solve reached).
+``krylov_rtol=None`` solves from scratch.
 """
 
 from __future__ import annotations

@@ -63,7 +63,13 @@ def test_without_truncation_bootstrap_the_truncated_step_gets_zero_advantage():
     dones = np.array([[False], [False], [True]])
     truncated = np.array([[False], [False], [True]])
     advantages, returns = compute_gae(
-        rewards, values, dones, np.zeros(1, np.float32), np.array([[0], [0], [9.0]], np.float32), 0.9, 1.0,
+        rewards,
+        values,
+        dones,
+        np.zeros(1, np.float32),
+        np.array([[0], [0], [9.0]], np.float32),
+        0.9,
+        1.0,
         truncated=truncated,
     )
     assert advantages[2, 0] == 0.0 and returns[2, 0] == pytest.approx(0.7)
