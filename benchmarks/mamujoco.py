@@ -94,6 +94,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "uniform-no-truncation-bootstrap": ("uniform", {"bootstrap_truncation": False}),
     "uniform-reward-norm": ("uniform", {"normalize_reward": True}),
+    "uniform-layer-norm": ("uniform", {"policy_kwargs": {"layer_norm": True}}),
     "package-defaults": ("uniform", {}),  # no zoo settings at all (see variant_kwargs)
 }
 

@@ -57,6 +57,19 @@ def normalizable(space: spaces.Space) -> bool:
     return isinstance(space, spaces.Box) and np.issubdtype(space.dtype, np.floating)
 
 
+def with_layer_norm(net: nn.Sequential) -> nn.Sequential:
+    """``net`` with a ``LayerNorm`` after every activation (HARL's ``MLPLayer``: Linear, activation, LayerNorm)."""
+    layers: list[nn.Module] = []
+    width = 0
+    for layer in net:
+        layers.append(layer)
+        if isinstance(layer, nn.Linear):
+            width = layer.out_features
+        else:
+            layers.append(nn.LayerNorm(width))
+    return nn.Sequential(*layers)
+
+
 def _split_net_arch(net_arch: list[int] | dict[str, list[int]] | None) -> tuple[list[int], list[int]]:
     """``net_arch`` as in SB3: a list used by actor and critic, or ``dict(pi=[...], vf=[...])``."""
     if net_arch is None:
@@ -83,6 +96,7 @@ class Actor(nn.Module):
     :param std_parametrization: ``"log"``: ``std = exp(log_std)`` (SB3); ``"sigmoid"``:
         ``std = max_std * sigmoid(x)`` (HARL's ``std_y_coef * sigmoid(x / std_x_coef)``), which caps the std
     :param max_std: the cap of the ``"sigmoid"`` parametrisation (HARL's ``std_y_coef``, 0.5)
+    :param layer_norm: a ``LayerNorm`` after every hidden layer (HARL's MLP)
     """
 
     def __init__(
@@ -97,6 +111,7 @@ class Actor(nn.Module):
         clip_observation: float = 10.0,
         std_parametrization: str = "log",
         max_std: float = 0.5,
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         self.observation_space = observation_space
@@ -111,6 +126,8 @@ class Actor(nn.Module):
         features_dim = get_flattened_obs_dim(observation_space)
         # Only the "pi" branch is used; vf=[] builds no layers.
         self.mlp_extractor = MlpExtractor(features_dim, dict(pi=net_arch, vf=[]), activation_fn)
+        if layer_norm:
+            self.mlp_extractor.policy_net = with_layer_norm(self.mlp_extractor.policy_net)
         self.action_dist = make_proba_distribution(action_space)
         self.log_std: nn.Parameter | None = None
         # split sizes of the logits of a MultiDiscrete action, None otherwise
@@ -198,6 +215,7 @@ class CentralCritic(nn.Module):
     :param ortho_init: orthogonal initialisation (sqrt(2) hidden, 1 output)
     :param normalize_state: running mean/std normalisation of the global state, inside the critic
     :param clip_state: bound of the normalised state
+    :param layer_norm: a ``LayerNorm`` after every hidden layer (HARL's MLP)
     """
 
     def __init__(
@@ -208,10 +226,13 @@ class CentralCritic(nn.Module):
         ortho_init: bool = True,
         normalize_state: bool = False,
         clip_state: float = 10.0,
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         self.state_normalizer = RunningNormalizer((state_dim,), clip=clip_state) if normalize_state else None
         self.mlp_extractor = MlpExtractor(state_dim, dict(pi=[], vf=net_arch), activation_fn)
+        if layer_norm:
+            self.mlp_extractor.value_net = with_layer_norm(self.mlp_extractor.value_net)
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         if ortho_init:
             self.mlp_extractor.apply(lambda m: BasePolicy.init_weights(m, gain=np.sqrt(2)))
@@ -248,6 +269,7 @@ class HATRPOPolicy(BasePolicy):
     :param std_parametrization: ``"log"`` (SB3's ``exp(log_std)``) or ``"sigmoid"`` (HARL's
         ``max_std * sigmoid(x)``) for Gaussian actors
     :param max_std: the std cap of the ``"sigmoid"`` parametrisation
+    :param layer_norm: a ``LayerNorm`` after every hidden layer of actors and critic (HARL's MLP)
     """
 
     observation_space: spaces.Dict
@@ -269,6 +291,7 @@ class HATRPOPolicy(BasePolicy):
         clip_observation: float = 10.0,
         std_parametrization: str = "log",
         max_std: float = 0.5,
+        layer_norm: bool = False,
     ) -> None:
         if std_parametrization not in STD_PARAMETRIZATIONS:
             raise ValueError(f"std_parametrization must be one of {STD_PARAMETRIZATIONS}, got {std_parametrization!r}")
@@ -290,6 +313,7 @@ class HATRPOPolicy(BasePolicy):
         self.clip_observation = clip_observation
         self.std_parametrization = std_parametrization
         self.max_std = max_std
+        self.layer_norm = layer_norm
         self.agents: list[str] = list(observation_space.spaces)
         for agent in self.agents:
             check_action_space(agent, action_space[agent])
@@ -307,6 +331,7 @@ class HATRPOPolicy(BasePolicy):
                     clip_observation=clip_observation,
                     std_parametrization=std_parametrization,
                     max_std=max_std,
+                    layer_norm=layer_norm,
                 )
                 for agent in self.agents
             }
@@ -318,6 +343,7 @@ class HATRPOPolicy(BasePolicy):
             ortho_init,
             normalize_state=normalize_observation,
             clip_state=clip_observation,
+            layer_norm=layer_norm,
         )
         self.optimizer = self.optimizer_class(  # type: ignore[call-arg]
             self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
@@ -337,6 +363,7 @@ class HATRPOPolicy(BasePolicy):
             clip_observation=self.clip_observation,
             std_parametrization=self.std_parametrization,
             max_std=self.max_std,
+            layer_norm=self.layer_norm,
             lr_schedule=lambda _: 0.0,  # the algorithm re-creates the schedule; needed only to build
         )
         return data

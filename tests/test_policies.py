@@ -56,3 +56,17 @@ def test_sigmoid_std_starts_at_exp_log_std_init_and_never_exceeds_max_std():
     assert float(actor.action_log_std().detach().exp().max()) <= 0.5
     with pytest.raises(ValueError, match="max_std"):
         Actor(OBS, spaces.Box(-1.0, 1.0, (2,), np.float32), [8], log_std_init=0.0, std_parametrization="sigmoid")
+
+
+def test_layer_norm_follows_every_hidden_layer_of_actors_and_critic():
+    from torch import nn
+
+    from sb3_hatrpo.policies import CentralCritic
+
+    actor = Actor(OBS, spaces.Discrete(3), [16, 8], activation_fn=nn.ReLU, layer_norm=True)
+    kinds = [type(m).__name__ for m in actor.mlp_extractor.policy_net]
+    assert kinds == ["Linear", "ReLU", "LayerNorm", "Linear", "ReLU", "LayerNorm"]
+    assert [m.normalized_shape for m in actor.mlp_extractor.policy_net if isinstance(m, nn.LayerNorm)] == [(16,), (8,)]
+    critic = CentralCritic(5, [12], layer_norm=True)
+    assert isinstance(critic.mlp_extractor.value_net[-1], nn.LayerNorm)
+    assert critic(th.randn(4, 5)).shape == (4,)
