@@ -38,6 +38,8 @@ from sb3_hatrpo.evaluation import evaluate_policy
 from sb3_hatrpo.zoo.config import get_hyperparams, prepare_hyperparams
 
 RESULTS = Path(__file__).parent / "results" / "mamujoco_tuned"
+# HARL's HATRPO measured on this kind of machine (per seed and step), shipped with the steering repo
+HARL_REFERENCE = Path(__file__).parent.parent.parent / "shared" / "reference" / "harl_hatrpo_halfcheetah_2x3.json"
 DOCS = Path(__file__).parent.parent / "docs"
 PAPER_GAIN = {"kkt": 22.5, "greedy": 25.2, "kkt-krylov": 22.5, "greedy-krylov": 25.2, "kkt-nofloor": 22.5}
 
@@ -307,6 +309,64 @@ def report_evals(results: Path, envs: list[str], variants: list[str], seeds: lis
     return "\n".join(lines)
 
 
+def load_evals(results: Path, env_id: str, variant: str, seeds: list[int]) -> dict[int, dict[int, float]]:
+    """``{seed: {timesteps: deterministic eval return}}`` of the finished evaluations of a variant."""
+    evals: dict[int, dict[int, float]] = {}
+    for seed in seeds:
+        path = run_dir(results, env_id, variant, seed) / "eval.jsonl"
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            evals[seed] = {r["timesteps"]: r["mean"] for r in records}
+    return evals
+
+
+def compare_harl(results: Path, variant: str, seeds: list[int], reference: Path) -> str:
+    """Our HalfCheetah 2x3 eval returns against HARL's measured ones, same steps; a PNG of both curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env_id = "mamujoco:HalfCheetah-2x3"
+    harl_raw = json.loads(reference.read_text())["eval_return_by_seed_and_step"]
+    harl = {int(seed): {int(step): value for step, value in steps.items()} for seed, steps in harl_raw.items()}
+    ours = load_evals(results, env_id, variant, seeds)
+    lines = [
+        f"| steps | HARL HATRPO (seeds {'/'.join(map(str, sorted(harl)))}) | HARL mean "
+        f"| sb3_hatrpo {variant} (per seed) | sb3_hatrpo mean ± std | ratio of means |",
+        "|---|---|---|---|---|---|",
+    ]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curves, color in (("HARL HATRPO", harl, "tab:gray"), (f"sb3_hatrpo {variant}", ours, "tab:red")):
+        steps = sorted({step for curve in curves.values() for step in curve})
+        for seed, curve in curves.items():
+            xs = [s for s in steps if s in curve]
+            ax.plot(xs, [curve[s] for s in xs], color=color, alpha=0.35, linewidth=1)
+        means = [np.mean([c[s] for c in curves.values() if s in c]) for s in steps]
+        ax.plot(steps, means, color=color, linewidth=2.5, label=f"{label} (mean of {len(curves)} seeds)")
+    steps = sorted({step for curve in [*harl.values(), *ours.values()] for step in curve})
+    for step in steps:
+        h = [c[step] for c in harl.values() if step in c]
+        o = [c[step] for c in ours.values() if step in c]
+        ratio = f"{np.mean(o) / np.mean(h):.1f}x" if h and o else ""
+        lines.append(
+            f"| {step:,} | {' / '.join(f'{v:.0f}' for v in h)} | {np.mean(h):.0f} | "
+            f"{' / '.join(f'{v:.0f}' for v in o)} | "
+            + (f"{np.mean(o):.0f} ± {np.std(o):.0f}" if o else "")
+            + f" | {ratio} |"
+            if h
+            else f"| {step:,} | | | {' / '.join(f'{v:.0f}' for v in o)} | {np.mean(o):.0f} ± {np.std(o):.0f} | |"
+        )
+    ax.set_title(f"{env_id}: deterministic eval return")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("return")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "harl_vs_sb3_hatrpo_HalfCheetah-2x3.png", dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=["mamujoco:HalfCheetah-2x3", "mamujoco:HalfCheetah-6x1"])
@@ -316,6 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=40_000)
     parser.add_argument("--eval-every", type=int, default=100_000, help="deterministic evaluation interval")
     parser.add_argument("--report-evals", action="store_true", help="eval returns per variant and step")
+    parser.add_argument(
+        "--compare-harl", action="store_true", help="HalfCheetah 2x3 eval returns against HARL's reference, and a PNG"
+    )
+    parser.add_argument("--harl-reference", type=Path, default=HARL_REFERENCE)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--n-workers", type=int, default=1)
@@ -325,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     if args.report:
         print(report(args.results, args.envs, args.allocators, args.seeds))
+        return
+    if args.compare_harl:
+        print(compare_harl(args.results, args.allocators[0], args.seeds, args.harl_reference))
         return
     if args.report_evals:
         print(report_evals(args.results, args.envs, args.allocators, args.seeds))
