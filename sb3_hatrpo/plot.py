@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from sb3_hatrpo.extras import require
 from sb3_hatrpo.zoo.utils import ALGO, CLIError, env_folder_name, find_run, run_cli
 
 __all__ = ["main", "make_parser", "run"]
@@ -50,7 +51,12 @@ def run(argv: Sequence[str] | None = None) -> Path:
     :param argv: the command's arguments
     """
     args = make_parser().parse_args(argv)
-    return run_cli("sb3_hatrpo.plot", lambda: _plot(args))
+
+    def body() -> Path:
+        require(["matplotlib", "yaml"], "python -m sb3_hatrpo.plot")
+        return _plot(args)
+
+    return run_cli("sb3_hatrpo.plot", body)
 
 
 def _plot(args: argparse.Namespace) -> Path:
