@@ -1,7 +1,10 @@
 """Plot training runs: ``python -m sb3_hatrpo.plot curves|kl ...`` (PNG files, no display needed).
 
 * ``curves``: learning curves (mean +- std over seeds) of every run of ``--env`` in ``-f``, one curve
-  per allocator (``--group-by``), or of the run folders given with ``--runs``.
+  per allocator (``--group-by``), or of the run folders given with ``--runs``; runs evaluated at other
+  timesteps get lines of their own.
+
+The plotting functions are in :mod:`sb3_hatrpo.zoo.run_plots`.
 * ``kl``: per-agent KL thresholds, realised KL, improvement and update order of one run.
 """
 
@@ -60,7 +63,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
 
 
 def _plot(args: argparse.Namespace) -> Path:
-    from sb3_hatrpo.plotting import find_runs, group_runs, plot_kl_allocation, plot_learning_curves
+    from sb3_hatrpo.zoo.run_plots import find_runs, group_runs, plot_kl_allocation, plot_learning_curves
 
     if args.command == "curves":
         if args.runs:

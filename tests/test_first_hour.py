@@ -153,3 +153,138 @@ def test_model_saved_without_an_env_spec_points_to_the_runs_config(tmp_path):
         HATRPO.load(run / "games-differential.zip", env="games:differential")
     with pytest.raises(ValueError, match="not made from an env id"):
         HATRPO.load(run / "games-differential.zip").make_env()
+
+
+# --- command lines --------------------------------------------------------------------------------------------
+
+
+def _train(tmp_path, *extra):
+    from sb3_hatrpo.train import run
+
+    return run(
+        ["--env", "games:differential", "-f", str(tmp_path / "logs"), "--seed", "1", "--verbose", "0",
+         "--no-progress", "-params", "n_steps:50", "batch_size:50", "n_critic_updates:1", *extra]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("budget", ["-5", "0", "2.5", "many"])
+def test_cli_budget_must_be_a_positive_whole_number(command, budget, tmp_path, capsys):
+    import importlib
+
+    module = importlib.import_module(f"sb3_hatrpo.{command}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.run(["--env", "games:differential", "-f", str(tmp_path / "logs"), "-n", budget])
+    assert exit_info.value.code == 2
+    assert "positive whole number" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "module_missing"),
+    [
+        (["train", "--env", "games:differential"], "tqdm"),  # the progress bar is on by default
+        (["train", "--env", "games:differential", "--no-progress"], "yaml"),
+        (["tune", "--env", "games:differential"], "optuna"),
+        (["plot", "curves", "--env", "games:differential"], "matplotlib"),
+        (["enjoy", "--env", "games:differential", "--record-video"], "imageio"),
+    ],
+)
+def test_clis_name_the_extra_before_creating_anything(argv, module_missing, tmp_path, monkeypatch, capsys):
+    import importlib
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        "sb3_hatrpo.extras.importlib.util.find_spec",
+        lambda name, *args: None if name == module_missing else real_find_spec(name, *args),
+    )
+    module = importlib.import_module(f"sb3_hatrpo.{argv[0]}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.run([*argv[1:], "-f", str(tmp_path / "logs")])
+    assert exit_info.value.code == 2
+    assert 'pip install "sb3_hatrpo[zoo]"' in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()  # no empty run folder for enjoy to trip over later
+
+
+@pytest.mark.parametrize("command", ["train", "enjoy", "tune"])
+def test_help_states_each_default_once(command):
+    import importlib
+
+    text = importlib.import_module(f"sb3_hatrpo.{command}").make_parser().format_help()
+    assert "(default: None)" not in text
+    for option in " ".join(text.split()).split(" -"):  # one chunk per option
+        assert option.lower().count("default") <= 1, option
+
+
+def test_short_table_leaves_out_per_agent_figures():
+    import io
+
+    from sb3_hatrpo.zoo.console import ShortTableFormat
+
+    out = io.StringIO()
+    values = {"rollout/ep_rew_mean": 1.0, "train/agent_0/kl": 0.01, "train/total_kl": 0.02, "time/fps": 10}
+    ShortTableFormat(out).write(values, {key: None for key in values})
+    text = out.getvalue()
+    assert "ep_rew_mean" in text and "total_kl" in text and "fps" in text
+    assert "agent_0" not in text
+
+
+def test_enjoy_without_a_display_runs_without_rendering(tmp_path, monkeypatch, capsys):
+    from sb3_hatrpo.enjoy import display_available, run
+
+    _train(tmp_path, "-n", "100")
+    monkeypatch.setattr("sys.platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not display_available()
+    result = run(["--env", "games:differential", "-f", str(tmp_path / "logs"), "-n", "1"])
+    assert len(result.returns) == 1
+    assert "No display" in capsys.readouterr().err
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert display_available()
+
+
+def test_mp4_video_is_streamed_not_buffered(tmp_path):
+    import tracemalloc
+
+    import numpy as np
+
+    from sb3_hatrpo.zoo.video import VideoWriter
+
+    frame_bytes = 240 * 320 * 3
+    writer = VideoWriter(tmp_path / "v.mp4", fps=30)
+    tracemalloc.start()
+    for i in range(150):
+        writer.append(np.full((240, 320, 3), i, dtype=np.uint8))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    path = writer.close()
+    assert path == tmp_path / "v.mp4" and path.stat().st_size > 0
+    assert peak < 10 * frame_bytes  # a buffer of the frames would be 150 of them
+    assert VideoWriter(tmp_path / "empty.mp4").close() is None
+
+
+def test_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from sb3_hatrpo.zoo import video
+
+    monkeypatch.setattr(video, "has_ffmpeg", lambda: False)
+    writer = video.VideoWriter(tmp_path / "v.mp4")
+    for i in range(3):
+        writer.append(np.full((16, 16, 3), 80 * i, dtype=np.uint8))
+    assert writer.close() == tmp_path / "v.gif"
+    assert 'pip install "sb3_hatrpo[zoo]"' in capsys.readouterr().err
+    from PIL import Image
+
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert gif.n_frames == 3
+
+
+def test_model_from_make_train_reloads_by_env_id(tmp_path):
+    # the zoo config's env_kwargs (here from --env-kwargs) are saved with the model
+    result = _train(tmp_path, "-n", "50", "--env-kwargs", "n_agents:3")
+    model = HATRPO.load(result.model_path, env="games:differential")
+    assert model.agents == ["agent_0", "agent_1", "agent_2"]
+    assert model.make_env().env_spec.env_kwargs["n_agents"] == 3

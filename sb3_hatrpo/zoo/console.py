@@ -25,4 +25,4 @@ class ShortTableFormat(HumanOutputFormat):
 
     def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
         short = {key: value for key, value in key_values.items() if key.count("/") < 2}
-        super().write(short, key_excluded, step)
+        super().write(short, {key: key_excluded.get(key, ()) for key in short}, step)
