@@ -288,3 +288,33 @@ def test_model_from_make_train_reloads_by_env_id(tmp_path):
     model = HATRPO.load(result.model_path, env="games:differential")
     assert model.agents == ["agent_0", "agent_1", "agent_2"]
     assert model.make_env().env_spec.env_kwargs["n_agents"] == 3
+
+
+# --- quiet output ---------------------------------------------------------------------------------------------
+
+
+def test_mamujoco_prints_neither_the_adroit_notice_nor_settotalmass():
+    import subprocess
+    import sys
+
+    pytest.importorskip("gymnasium_robotics")
+    code = "from sb3_hatrpo.envs import make_env; make_env('mamujoco:HalfCheetah-2x3').reset(seed=0)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "Adroit" not in result.stderr + result.stdout
+    assert "settotalmass" not in result.stderr + result.stdout
+
+
+def test_only_the_targeted_messages_are_dropped(capsys):
+    import sys
+
+    from sb3_hatrpo.envs.quiet import mujoco_warning_filter, without_stderr_lines
+
+    with without_stderr_lines("Adroit"):
+        print("AdroitHand... reward functions were updated", file=sys.stderr)
+        print("something else", file=sys.stderr)
+    passed_on: list[str] = []
+    handler = mujoco_warning_filter(("settotalmass",), passed_on.append)
+    handler("compiler attribute 'settotalmass' is deprecated")
+    handler("Nan, Inf or huge value in QACC")
+    assert capsys.readouterr().err == "something else\n"
+    assert passed_on == ["Nan, Inf or huge value in QACC"]
