@@ -339,7 +339,7 @@ def compare_harl(results: Path, variant: str, seeds: list[int], reference: Path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, curves, color in (("HARL HATRPO", harl, "tab:gray"), (f"sb3_hatrpo {variant}", ours, "tab:red")):
         steps = sorted({step for curve in curves.values() for step in curve})
-        for seed, curve in curves.items():
+        for curve in curves.values():
             xs = [s for s in steps if s in curve]
             ax.plot(xs, [curve[s] for s in xs], color=color, alpha=0.35, linewidth=1)
         means = [np.mean([c[s] for c in curves.values() if s in c]) for s in steps]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -12,10 +13,12 @@ from typing import Any, NoReturn
 __all__ = [
     "ALGO",
     "CLIError",
+    "HelpFormatter",
     "env_folder_name",
     "find_run",
     "get_latest_run_id",
     "new_run_folder",
+    "positive_timesteps",
     "run_cli",
     "set_num_threads",
 ]
@@ -87,6 +90,33 @@ def find_run(log_folder: str | Path, env_id: str, exp_id: int = 0) -> Path:
     if exp_id not in ids:
         raise CLIError(f"No run {env_folder}_{exp_id} in {log_path}; experiment ids there: {sorted(ids)}")
     return ids[exp_id]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except for help texts that already say what their default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "default:" in help_text or action.default is None:  # "...; default: the config's"
+            return help_text
+        return super()._get_help_string(action)
+
+
+def positive_timesteps(text: str) -> int:
+    """argparse ``type`` of ``-n/--n-timesteps``: a positive whole number (``1e6`` accepted).
+
+    :param text: The command-line value.
+    """
+    from sb3_hatrpo.budget import check_total_timesteps
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of timesteps, got {text!r}") from None
+    try:
+        return check_total_timesteps(value, "the budget")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of timesteps, got {text!r}") from None
 
 
 def set_num_threads(n: int) -> None:
