@@ -82,6 +82,7 @@ def train_steps_per_second(algo: str, timesteps: int, vec_env_cls: str) -> float
             env,
             **settings,
             **common,
+            num_threads=None,  # --threads, as TRPO
             **({"normalize_observation": False} if "no-obs-norm" in algo else {}),
         )
         n_steps = model.n_steps
@@ -128,7 +129,7 @@ def profile_hatrpo(timesteps: int, vec_env_cls: str) -> None:
 
     settings, n_envs = zoo_settings(ENV_ID)
     env = make_vec_env(ENV_ID, n_envs=n_envs, seed=0, vec_env_cls=vec_env_cls)
-    model = HATRPO("MlpPolicy", env, **settings, seed=0)
+    model = HATRPO("MlpPolicy", env, **settings, seed=0, num_threads=None)  # --threads
     model.learn(model.n_steps * n_envs)
     profiler = cProfile.Profile()
     start = time.perf_counter()

@@ -11,6 +11,7 @@ import io
 import os
 import pathlib
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -505,8 +506,8 @@ class HATRPO(OnPolicyAlgorithm):
         """
         if total_timesteps is None:
             total_timesteps, source = default_total_timesteps(self.env_spec.env_id if self.env_spec else None)
-            if self.verbose >= 1:
-                print(f"learn(): no total_timesteps given: {total_timesteps:,} ({source})")
+            # Also with verbose=0: a budget nobody chose may be hours of training
+            warnings.warn(f"learn() without total_timesteps trains {total_timesteps:,} steps ({source})", stacklevel=2)
         total_timesteps = check_total_timesteps(total_timesteps)
         if progress_bar:
             from sb3_hatrpo.extras import require
