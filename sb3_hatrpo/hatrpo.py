@@ -29,7 +29,9 @@ from torch.nn import functional as F
 from sb3_hatrpo.allocators import BaseAllocator, make_allocator
 from sb3_hatrpo.buffers import MultiAgentRolloutBuffer, RolloutData
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
-from sb3_hatrpo.trust_region import TrustRegionPlanner, check_krylov_rtol
+from sb3_hatrpo.stall import StallDetector
+from sb3_hatrpo.trust_region import TrustRegionPlanner
+from sb3_hatrpo.validation import check_finite_observations, check_hyperparameters, check_learn_arguments
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
 
 SelfHATRPO = TypeVar("SelfHATRPO", bound="HATRPO")
@@ -121,11 +123,28 @@ class HATRPO(OnPolicyAlgorithm):
         _init_setup_model: bool = True,
     ) -> None:
         # Checked before anything is built, so a typo costs nothing.
-        if not (isinstance(target_kl, int | float) and np.isfinite(target_kl) and target_kl > 0):
-            raise ValueError(f"target_kl must be a positive number, got {target_kl!r}")
-        if total_kl is not None and not (np.isfinite(total_kl) and total_kl > 0):
-            raise ValueError(f"total_kl must be a positive number or None, got {total_kl!r}")
-        check_krylov_rtol(krylov_rtol)
+        check_hyperparameters(
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            gamma=gamma,
+            cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping,
+            krylov_rtol=krylov_rtol,
+            line_search_shrinking_factor=line_search_shrinking_factor,
+            line_search_max_iter=line_search_max_iter,
+            n_critic_updates=n_critic_updates,
+            gae_lambda=gae_lambda,
+            normalize_advantage=normalize_advantage,
+            target_kl=target_kl,
+            total_kl=total_kl,
+            normalize_value=normalize_value,
+            n_envs=n_envs,
+            stats_window_size=stats_window_size,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+        )
         self.allocator = make_allocator(allocator, allocator_kwargs)
         if isinstance(policy, str):
             if policy not in self.policy_aliases:
@@ -171,6 +190,7 @@ class HATRPO(OnPolicyAlgorithm):
         self._order_rng = np.random.default_rng(seed)
         self._last_states: np.ndarray | None = None
         self._last_alive: np.ndarray | None = None
+        self._stall = StallDetector()
         if self.env is not None:
             self.state_space = self.env.state_space
             if self.n_steps * self.n_envs < 2:
@@ -355,9 +375,11 @@ class HATRPO(OnPolicyAlgorithm):
         """
         advantages = data.advantages
         if not th.isfinite(advantages).all():
+            fixes = "a lower learning_rate or scaled rewards" + (
+                "" if self.normalize_value else ", or normalize_value=True"
+            )
             raise FloatingPointError(
-                "Non-finite advantages: the critic diverged or the env returned extreme rewards. "
-                "Try normalize_value=True, a lower learning_rate, or scale the rewards."
+                f"Non-finite advantages: the critic diverged or the env returned extreme rewards. Try {fixes}."
             )
         if self.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -380,7 +402,13 @@ class HATRPO(OnPolicyAlgorithm):
         data = self.rollout_buffer.get()
         planner = self.make_planner(data)  # checks the advantages before any update
         value_losses = self._train_critic(data.states, data.returns)
+        planner.allocator_name = type(self.allocator).__name__  # named when it breaks the budget contract
         results = self.allocator.update_agents(planner, self._order_rng)
+        self._stall.update(
+            results,
+            f"joint KL budget {planner.total_kl:g}, line_search_max_iter={self.line_search_max_iter}, "
+            f"allocator {type(self.allocator).__name__}",
+        )
         self.last_allocation = [result.as_record(position) for position, result in enumerate(results)]
         self._n_updates += 1
 
@@ -413,6 +441,7 @@ class HATRPO(OnPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfHATRPO:
+        check_learn_arguments(total_timesteps, log_interval, reset_num_timesteps, progress_bar, tb_log_name)
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
@@ -422,9 +451,23 @@ class HATRPO(OnPolicyAlgorithm):
             progress_bar=progress_bar,
         )
 
+    def predict(  # type: ignore[override]
+        self,
+        observation: dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...] | None]:
+        """Actions for the agents in ``observation`` (``{agent: obs}``, one env or batched); see the policy's.
+
+        ``ValueError`` naming the agent for a NaN or infinite observation.
+        """
+        check_finite_observations(observation)
+        return self.policy.predict(observation, state, episode_start, deterministic)
+
     # ------------------------------------------------------------ save / load
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_states", "_last_alive"]
+        return [*super()._excluded_save_params(), "_last_states", "_last_alive", "_stall"]
 
     def save(
         self,

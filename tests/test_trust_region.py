@@ -101,7 +101,7 @@ def _unflatten(actor: Actor, theta: th.Tensor) -> dict[str, th.Tensor]:
 @pytest.mark.parametrize("threshold", [1e-4, 1e-2, 0.1])
 def test_accepted_steps_respect_their_threshold(action_space, threshold):
     problem = make_problem(action_space=action_space, seed=3)
-    planner = planner_for(problem)
+    planner = planner_for(problem, total_kl=2 * threshold)
     for agent in planner.agents:
         result = planner.step(planner.direction(agent), threshold)
         if result.accepted:
