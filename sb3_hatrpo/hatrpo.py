@@ -8,10 +8,11 @@ Region Policy Optimisation: A Joint Constraint Approach", arXiv 2508.10340 (AAMA
 from __future__ import annotations
 
 import io
-import os
+import json
 import pathlib
-import tempfile
+import pickle
 import zipfile
+import zlib
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -20,13 +21,14 @@ from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.running_mean_std import RunningMeanStd
-from stable_baselines3.common.save_util import load_from_zip_file
+from stable_baselines3.common.save_util import load_from_zip_file, recursive_setattr
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.utils import explained_variance, get_system_info
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_hatrpo.allocators import BaseAllocator, make_allocator
+from sb3_hatrpo.atomic import atomic_write
 from sb3_hatrpo.buffers import MultiAgentRolloutBuffer, RolloutData
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
 from sb3_hatrpo.stall import StallDetector
@@ -475,25 +477,17 @@ class HATRPO(OnPolicyAlgorithm):
         exclude: Any = None,
         include: Any = None,
     ) -> None:
-        """Save to SB3's zip format, atomically: written to a temporary file, then renamed into place."""
+        """Save to SB3's zip format, atomically: written to a temporary file, then renamed into place.
+
+        Temporary files left in the folder by a save that was killed are removed.
+        """
         if isinstance(path, io.BufferedIOBase):
             super().save(path, exclude=exclude, include=include)
             return
         target = pathlib.Path(path)
         if target.suffix == "":
             target = target.with_suffix(".zip")  # SB3's convention
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.zip", dir=target.parent)
-        os.close(fd)
-        try:
-            super().save(tmp_name, exclude=exclude, include=include)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; a saved model is an ordinary file
-            os.replace(tmp_name, target)
-        except BaseException:
-            pathlib.Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write(target, lambda tmp_name: super(HATRPO, self).save(tmp_name, exclude=exclude, include=include))
 
     @classmethod
     def load(
@@ -508,6 +502,10 @@ class HATRPO(OnPolicyAlgorithm):
     ) -> SelfHATRPO:
         """Load a saved model; with ``env``, check every agent's spaces against it first.
 
+        **Only load files you trust.** As with every SB3 model, the zip holds pickled Python objects
+        (spaces, schedules, the policy class) and loading it runs them: a planted file runs its code.
+        The file is read once.
+
         :param path: the ``.zip`` written by :meth:`save`
         :param env: the env to continue training or evaluating on (anything ``HATRPO`` accepts);
             ``ValueError`` naming the agent if its spaces differ from the saved ones
@@ -516,6 +514,8 @@ class HATRPO(OnPolicyAlgorithm):
         :param print_system_info: print the saving and the current system's versions
         :param force_reset: reset the env before training resumes
         :param kwargs: attributes to change after loading (e.g. ``n_envs`` when ``env`` is an id)
+        :raises FileNotFoundError: no file at ``path`` (nor ``path.zip``)
+        :raises ValueError: naming the file, when it is not a complete HATRPO model (truncated, corrupted, foreign)
         """
         if isinstance(path, str | pathlib.Path):
             candidates = [pathlib.Path(path), pathlib.Path(f"{path}.zip")]
@@ -525,31 +525,86 @@ class HATRPO(OnPolicyAlgorithm):
             if not zipfile.is_zipfile(existing):
                 raise ValueError(f"{existing} is not a model saved by HATRPO.save(): it is not a zip file (corrupted?)")
             path = existing
-        try:
-            data, _, _ = load_from_zip_file(path, device="cpu", custom_objects=custom_objects, load_data=True)
-        except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError) as error:
-            raise ValueError(f"Could not read a HATRPO model from {path}: {error} (corrupted file?)") from error
-        if not data or "observation_space" not in data or "state_space" not in data:
-            raise ValueError(f"{path} does not hold a HATRPO model (no per-agent spaces found)")
+        if print_system_info:
+            print("== CURRENT SYSTEM INFO ==")
+            get_system_info()
+        data, params, pytorch_variables = read_model_file(path, device, custom_objects, print_system_info)
+        data.get("policy_kwargs", {}).pop("device", None)  # ours, not the saving machine's
+        if "policy_kwargs" in kwargs and kwargs["policy_kwargs"] != data.get("policy_kwargs"):
+            raise ValueError(
+                f"policy_kwargs {kwargs['policy_kwargs']} differ from the saved ones {data.get('policy_kwargs')}"
+            )
         if env is not None:
             n_envs = kwargs.pop("n_envs", 1)
             env = cls._to_vec_env(env, n_envs=n_envs, env_kwargs=kwargs.pop("env_kwargs", None))
             check_agent_spaces(env, data["observation_space"], data["action_space"], data["state_space"])
-        if isinstance(path, io.BufferedIOBase):
-            path.seek(0)
-        model = super().load(
-            path,
-            env=env,
-            device=device,
-            custom_objects=custom_objects,
-            print_system_info=print_system_info,
-            force_reset=force_reset,
-            **kwargs,
-        )
+            if force_reset:
+                data["_last_obs"] = None  # the env is reset before training (SB3 issue 597)
+            data["n_envs"] = env.num_envs
+        model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)
+        model.__dict__.update(data)
+        model.__dict__.update(kwargs)
+        model._setup_model()
+        try:
+            model.set_parameters(params, exact_match=True, device=device)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"{_describe_source(path)}: its parameters do not fit the saved networks ({_first_line(error)}); "
+                "the file is corrupted or was not written by HATRPO.save()"
+            ) from None
+        for name, variable in (pytorch_variables or {}).items():
+            if variable is not None:
+                recursive_setattr(model, f"{name}.data", variable.data)
         if env is not None:
             model._last_states = None
             model._last_alive = None
         return model
+
+
+def _describe_source(path: Any) -> str:
+    return str(path) if isinstance(path, str | pathlib.Path) else f"the model file object {path!r}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def read_model_file(
+    path: str | pathlib.Path | io.BufferedIOBase,
+    device: th.device | str = "auto",
+    custom_objects: dict[str, Any] | None = None,
+    print_system_info: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """SB3's ``load_from_zip_file``, once, with every way a file can be broken turned into one ``ValueError``.
+
+    :param path: the zip (or an open binary file)
+    :param device: where to put the tensors
+    :param custom_objects: SB3's replacements for saved objects
+    :param print_system_info: print the saving system's versions
+    :return: ``(data, params, pytorch_variables)``
+    :raises ValueError: naming the file and what is wrong with it
+    """
+    where = _describe_source(path)
+    try:
+        data, params, pytorch_variables = load_from_zip_file(
+            path, device=device, custom_objects=custom_objects, print_system_info=print_system_info
+        )
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: its 'data' entry is not valid JSON ({error}); the file is corrupted") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, OSError) as error:
+        raise ValueError(
+            f"{where} cannot be read as a HATRPO model ({type(error).__name__}: {_first_line(error)}); "
+            "the file is truncated or corrupted: save it again or use another checkpoint"
+        ) from None
+    except ValueError as error:  # SB3: "the file ... wasn't a zip-file"
+        raise ValueError(f"{where} cannot be read as a HATRPO model: {_first_line(error)}") from None
+    if not data or "observation_space" not in data or "state_space" not in data or "policy_class" not in data:
+        what = "no 'data' entry" if not data else "no per-agent spaces and policy"
+        raise ValueError(f"{where} does not hold a HATRPO model ({what} in the zip; saved by another algorithm?)")
+    if not params or "policy" not in params:
+        raise ValueError(f"{where} holds no network parameters (policy.pth is missing); the file is incomplete")
+    return data, params, pytorch_variables
 
 
 def check_agent_spaces(
@@ -576,4 +631,4 @@ def check_agent_spaces(
         raise ValueError(f"The env's global state space {env.state_space} differs from the model's {state_space}")
 
 
-__all__ = ["HATRPO", "MlpPolicy", "check_agent_spaces"]
+__all__ = ["HATRPO", "MlpPolicy", "check_agent_spaces", "read_model_file"]
