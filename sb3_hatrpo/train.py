@@ -62,7 +62,16 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-tb", "--tensorboard-log", default=None, help="also write TensorBoard logs here")
     parser.add_argument("--log-interval", type=int, default=1, help="dump the logger every N iterations")
-    parser.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 tables and summary, 2 debug")
+    parser.add_argument(
+        "--verbose", type=int, default=1, help="0 quiet, 1 tables and summary, 2 debug (tracebacks of errors)"
+    )
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let the config's env_wrapper name callables of MODULE (trusted code only; see docs/zoo.md)",
+    )
     parser.add_argument("--track", action="store_true", help="log to Weights & Biases")
     parser.add_argument("--wandb-project", default="sb3-hatrpo", help="W&B project")
     parser.add_argument("--wandb-entity", default=None, help="W&B team or user")
@@ -195,6 +204,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
             log_interval=args.log_interval,
             command=shlex.join(["python", "-m", "sb3_hatrpo.train", *argv_list]),
             cli_args=vars(args),
+            allow_imports=args.allow_import,
         )
         result = manager.run()
         allocator = str(manager.hyperparams.get("allocator", "uniform"))
@@ -204,7 +214,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
             print(format_summary(result, args.env, allocator, manager.seed))
         return result
 
-    return run_cli("sb3_hatrpo.train", body)
+    return run_cli("sb3_hatrpo.train", body, traceback=args.verbose >= 2)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,16 @@ def make_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads; small MLPs run fastest on 1 (threads spin on a busy machine); 0: torch's default",
     )
-    parser.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 one line per trial, 2 Optuna's logs")
+    parser.add_argument(
+        "--verbose", type=int, default=1, help="0 quiet, 1 one line per trial, 2 Optuna's logs and error tracebacks"
+    )
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let the config's env_wrapper name callables of MODULE (trusted code only; see docs/zoo.md)",
+    )
     return parser
 
 
@@ -152,6 +161,11 @@ def open_storage(url: str, retries: int = 5) -> Any:
                 f"cannot open the Optuna storage {_masked(url)}: no database driver{cause}; install it "
                 "(PostgreSQL: pip install psycopg2-binary) or name one in the URL (postgresql+psycopg2://...)"
             ) from None
+        except sqlalchemy.exc.DatabaseError as error:  # e.g. SQLite: "file is not a database"
+            raise CLIError(
+                f"cannot open the Optuna storage {_masked(url)}: {_first_line(error)}; point --storage at an Optuna "
+                "database (a new file is created) or a database server"
+            ) from None
         except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as error:
             raise CLIError(f"cannot open the Optuna storage {_masked(url)}: {_first_line(error)}") from None
     raise AssertionError("unreachable")
@@ -214,7 +228,7 @@ class _Objective:
         if self.args.n_envs is not None:
             hyperparams["n_envs"] = self.args.n_envs
         trial.set_user_attr("hyperparams", hyperparams)
-        prepared = prepare_hyperparams(hyperparams)
+        prepared = prepare_hyperparams(hyperparams, self.args.allow_import)
         seed = (self.args.seed + trial.number) if self.args.seed is not None else random.randrange(2**31 - 1)
         env = build_vec_env(self.args.env, prepared, prepared.n_envs, seed, self.args.vec_env, self.env_kwargs)
         eval_env = build_vec_env(self.args.env, prepared, 1, seed + EVAL_SEED_OFFSET, "dummy", self.env_kwargs)
@@ -352,7 +366,7 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
     """
     args = make_parser().parse_args(argv)
     set_num_threads(args.num_threads)
-    return run_cli("sb3_hatrpo.tune", lambda: _tune(args))
+    return run_cli("sb3_hatrpo.tune", lambda: _tune(args), traceback=args.verbose >= 2)
 
 
 def _tune(args: argparse.Namespace) -> TuneResult:
@@ -360,8 +374,10 @@ def _tune(args: argparse.Namespace) -> TuneResult:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
+    from sb3_hatrpo.validation import check_device, check_hyperparameters
     from sb3_hatrpo.zoo.config import ConfigError, canonical_allocator, get_hyperparams, merge_overrides, parse_params
     from sb3_hatrpo.zoo.config import prepare_hyperparams as _prepare
+    from sb3_hatrpo.zoo.utils import check_writable_folder
 
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose >= 2 else optuna.logging.WARNING)
     for flag in ("n_evaluations", "eval_episodes", "n_jobs"):
@@ -373,7 +389,10 @@ def _tune(args: argparse.Namespace) -> TuneResult:
     env_kwargs = parse_params(args.env_kwargs, "--env-kwargs")
     base, source = get_hyperparams(args.env, args.conf_file)
     # Fail on a bad env id or config before any storage is touched.
-    prepared = _prepare(merge_overrides(base, fixed))
+    prepared = _prepare(merge_overrides(base, fixed), args.allow_import)
+    check_device(args.device, owner="--device")
+    check_hyperparameters(**prepared.model_kwargs)  # fixed values every trial would fail on
+    check_writable_folder(args.log_folder)
     n_timesteps = args.n_timesteps if args.n_timesteps > 0 else prepared.n_timesteps
     if not n_timesteps:
         raise ConfigError(f"No n_timesteps for {args.env!r} in {source}: pass -n/--n-timesteps")

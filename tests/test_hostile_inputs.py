@@ -253,7 +253,10 @@ def test_a_save_in_progress_elsewhere_is_not_removed(tmp_path):
     """Another process's temporary file (its lock held) survives a save to the same folder."""
     busy = tmp_path / ".model.zip.abc.tmp.zip"
     busy.write_bytes(b"being written")
-    script = f"import fcntl, time, sys; f = open({str(busy)!r}); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+    script = (
+        f"import fcntl, time; f = open({str(busy)!r}); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"locked"
