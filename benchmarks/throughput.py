@@ -75,9 +75,9 @@ def train_steps_per_second(algo: str, timesteps: int, settings: dict, vec_env_cl
     return timesteps / elapsed
 
 
-# Where an HATRPO iteration spends its time: (label, module or class, function) as cProfile names them
+# Where an HATRPO iteration spends its time: (label, file name(s), function) as cProfile names them
 PROFILE_PARTS = [
-    ("env step (MuJoCo + PettingZoo wrappers)", "vec_env.py", "step_wait"),
+    ("env step (MuJoCo + PettingZoo wrappers)", ("vec_env/dummy.py", "vec_env/subproc.py"), "step_wait"),
     ("actor sampling in the rollout", "policies.py", "sample_actions"),
     ("critic values in the rollout", "hatrpo.py", "_values"),
     ("rollout buffer add", "buffers.py", "add"),

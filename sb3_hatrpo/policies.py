@@ -27,22 +27,7 @@ from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
-SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete)
-
-
-def check_action_space(agent: str, action_space: spaces.Space) -> None:
-    """Raise a ``ValueError`` naming the agent if its action space cannot be handled."""
-    if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
-        raise ValueError(
-            f"Agent {agent!r} has action space {action_space}, which HATRPO does not support. "
-            "Supported: Box (diagonal Gaussian), Discrete and MultiDiscrete (categorical). "
-            "Flatten Dict/Tuple action spaces with a wrapper first."
-        )
-    if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
-        raise ValueError(
-            f"Agent {agent!r} has a Box action space with infinite bounds ({action_space}); "
-            "actions are clipped to the bounds, so they must be finite."
-        )
+from sb3_hatrpo.action_spaces import check_action_space
 
 
 def _split_net_arch(net_arch: list[int] | dict[str, list[int]] | None) -> tuple[list[int], list[int]]:

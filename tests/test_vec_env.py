@@ -456,3 +456,29 @@ def test_global_state_sources():
     np.testing.assert_array_equal(value, [1, 2, 3, 0, 0, 1])
     np.testing.assert_array_equal(global_state(env, {"b": 0}), [0, 0, 0, 1, 0, 0])
     assert global_state(env, {"b": 0}).dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        spaces.Dict({"x": spaces.Discrete(2)}),
+        spaces.MultiBinary(3),
+        spaces.Box(-np.inf, np.inf, (2,)),
+        spaces.Box(np.array([-1.0, -np.inf]), np.array([1.0, 1.0])),
+    ],
+)
+def test_policy_and_vec_env_reject_the_same_action_spaces_with_the_same_message(space):
+    # One source of truth: a space the vec env accepted but the policy rejected (or the reverse) would fail here
+    from sb3_hatrpo.policies import HATRPOPolicy
+
+    with pytest.raises(ValueError) as from_vec_env:
+        DummyMultiAgentVecEnv([lambda: ToyEnv(action_space_a=space)])
+    with pytest.raises(ValueError) as from_policy:
+        HATRPOPolicy(
+            spaces.Dict({"a": spaces.Box(-1, 1, (3,))}),
+            spaces.Dict({"a": space}),
+            lambda _: 1e-3,
+            state_space=spaces.Box(-1, 1, (3,)),
+        )
+    assert str(from_vec_env.value) == str(from_policy.value)
+    assert "Agent 'a'" in str(from_policy.value)

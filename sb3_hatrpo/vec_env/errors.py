@@ -1,0 +1,13 @@
+"""The error the vectorised envs raise for NaN or infinite env outputs, and the hint its messages end with."""
+
+from __future__ import annotations
+
+NON_FINITE_HINT = (
+    "Hint: the env itself produced it, e.g. an unstable simulation (extreme actions, a diverging physics step) "
+    "or a division by zero in its observation/reward code; reproduce it on the bare env with the same seed, "
+    "or sanitise its outputs with a wrapper."
+)
+
+
+class NonFiniteError(ValueError):
+    """A NaN or infinite observation, state or reward (a ``ValueError``; subprocess workers re-raise it as is)."""
