@@ -152,8 +152,11 @@ class HATRPO(OnPolicyAlgorithm):
             if policy not in self.policy_aliases:
                 raise ValueError(f"Unknown policy {policy!r}; valid: {sorted(self.policy_aliases)} or a class")
             policy = self.policy_aliases[policy]
+        owned_env: MultiAgentVecEnv | None = None
         if env is not None and not isinstance(env, MultiAgentVecEnv):
-            env = self._to_vec_env(env, n_envs=n_envs, seed=seed, vec_env_cls=vec_env_cls, env_kwargs=env_kwargs)
+            env = owned_env = self._to_vec_env(
+                env, n_envs=n_envs, seed=seed, vec_env_cls=vec_env_cls, env_kwargs=env_kwargs
+            )
 
         super().__init__(
             policy,  # type: ignore[arg-type]  # HATRPOPolicy is not an ActorCriticPolicy
@@ -193,9 +196,14 @@ class HATRPO(OnPolicyAlgorithm):
         self._last_states: np.ndarray | None = None
         self._last_alive: np.ndarray | None = None
         self._stall = StallDetector()
+        # The vectorised env this model built itself (from an id, a factory or a ParallelEnv): a failed learn()
+        # closes it, so its worker processes do not outlive the failure. A MultiAgentVecEnv passed in is the caller's.
+        self._owned_env = owned_env
         if self.env is not None:
             self.state_space = self.env.state_space
             if self.n_steps * self.n_envs < 2:
+                if owned_env is not None:
+                    owned_env.close()
                 raise ValueError(
                     f"n_steps * n_envs = {self.n_steps} * {self.n_envs} < 2: advantages cannot be normalised "
                     "and the critic has nothing to fit; use a larger n_steps"
@@ -443,15 +451,36 @@ class HATRPO(OnPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfHATRPO:
+        """Train for ``total_timesteps`` env steps (all copies together); SB3's ``learn``.
+
+        If training fails, the env this model created itself (from an id, a factory or a ParallelEnv) is closed
+        (its worker processes end) and the log files SB3 opened are closed; the exception is re-raised.
+        """
         check_learn_arguments(total_timesteps, log_interval, reset_num_timesteps, progress_bar, tb_log_name)
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
+        if self.env is not None and getattr(self.env, "closed", False):
+            raise ValueError(
+                "This model's env is closed (a failed learn() closes the env the model created): give it a new one "
+                "with model.set_env(sb3_hatrpo.make_vec_env(...))"
+            )
+        try:
+            return super().learn(
+                total_timesteps=total_timesteps,
+                callback=callback,
+                log_interval=log_interval,
+                tb_log_name=tb_log_name,
+                reset_num_timesteps=reset_num_timesteps,
+                progress_bar=progress_bar,
+            )
+        except Exception:
+            self._close_after_failure()
+            raise
+
+    def _close_after_failure(self) -> None:
+        """Close what ``learn()`` and the constructor opened: the model's own env and SB3's log files."""
+        if self._owned_env is not None and self.env is self._owned_env:
+            self._owned_env.close()
+        if not self._custom_logger:
+            self.logger.close()
 
     def predict(  # type: ignore[override]
         self,
@@ -469,7 +498,7 @@ class HATRPO(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------ save / load
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_states", "_last_alive", "_stall"]
+        return [*super()._excluded_save_params(), "_last_states", "_last_alive", "_stall", "_owned_env"]
 
     def save(
         self,
@@ -534,10 +563,16 @@ class HATRPO(OnPolicyAlgorithm):
             raise ValueError(
                 f"policy_kwargs {kwargs['policy_kwargs']} differ from the saved ones {data.get('policy_kwargs')}"
             )
+        owned = env is not None and not isinstance(env, MultiAgentVecEnv)
         if env is not None:
             n_envs = kwargs.pop("n_envs", 1)
             env = cls._to_vec_env(env, n_envs=n_envs, env_kwargs=kwargs.pop("env_kwargs", None))
-            check_agent_spaces(env, data["observation_space"], data["action_space"], data["state_space"])
+            try:
+                check_agent_spaces(env, data["observation_space"], data["action_space"], data["state_space"])
+            except ValueError:
+                if owned:  # ours: its workers must not outlive the error
+                    env.close()
+                raise
             if force_reset:
                 data["_last_obs"] = None  # the env is reset before training (SB3 issue 597)
             data["n_envs"] = env.num_envs
@@ -558,6 +593,7 @@ class HATRPO(OnPolicyAlgorithm):
         if env is not None:
             model._last_states = None
             model._last_alive = None
+            model._owned_env = env if owned else None
         return model
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from sb3_hatrpo.envs.global_state import GlobalStateReader
-from sb3_hatrpo.vec_env.errors import NON_FINITE_HINT, NonFiniteError
+from sb3_hatrpo.vec_env.checks import ObservationCheck, observation_check, unknown_agents
+from sb3_hatrpo.vec_env.errors import NON_FINITE_HINT, EnvOutputError, NonFiniteError
 from sb3_hatrpo.vec_env.layout import _Layout
 
 
@@ -49,12 +50,22 @@ class _CopyRunner:
         self.episode_length = 0
         self.live: list[str] = []  # agents alive in the observations last written
         self.all_alive = False
+        self.known = frozenset(self.agents)
+        # Per agent, the check of its observations against its space; None turns the checks off (benchmarks only)
+        self.spaces = layout.obs_spaces
+        self.checks: list[ObservationCheck] | None = [observation_check(space) for space in self.spaces]
 
     def reset(self, seed: int | None, options: dict[str, Any] | None) -> dict[str, Any]:
         obs, infos = self.env.reset(seed=seed, options=options or None)
-        self._write(obs)
         self.episode_return = 0.0
         self.episode_length = 0
+        self._write(obs)
+        if not self.live:
+            raise EnvOutputError(
+                f"Env copy {self.index}: reset() returned no agents (env.agents = {list(self.env.agents)}, "
+                f"observations for {list(obs) if isinstance(obs, Mapping) else obs!r}); after a reset at least one "
+                f"of possible_agents {self.agents} must be in env.agents with an observation. Fix the env's reset()."
+            )
         return infos
 
     def step(self, actions: Sequence[Any]) -> tuple[float, bool, dict[str, Any], dict[str, Any] | None]:
@@ -68,6 +79,10 @@ class _CopyRunner:
             index = self.agent_index
             action_dict = {agent: actions[index[agent]] for agent in self.live}
         obs, rewards, terminations, truncations, agent_infos = self.env.step(action_dict)
+        if rewards.keys() != self.known:  # some agents left, or the env invented names
+            self._check_names(rewards, "the rewards")
+            self._check_names(terminations, "the terminations")
+            self._check_names(truncations, "the truncations")
         reward = self._team_reward(rewards)
         self.episode_return += reward
         self.episode_length += 1
@@ -120,12 +135,40 @@ class _CopyRunner:
             f"{NON_FINITE_HINT}"
         )
 
+    def _check_names(self, names: Any, where: str) -> None:
+        """``EnvOutputError`` if ``names`` holds an agent outside ``possible_agents``."""
+        unknown = unknown_agents(names, self.known)
+        if unknown:
+            raise EnvOutputError(
+                f"Env copy {self.index} returned the agent(s) {unknown} in {where} at step {self.episode_length} "
+                f"since reset, but its possible_agents are {self.agents}; every agent the env names at run time "
+                "must be declared in possible_agents (with the same name)."
+            )
+
+    def _bad_observation(self, j: int, problem: str) -> EnvOutputError:
+        return EnvOutputError(
+            f"Agent {self.agents[j]!r} in env copy {self.index} returned {problem} (step {self.episode_length} "
+            f"since reset; declared observation space {self.spaces[j]}). Fix the env, or wrap it so that its "
+            "observations match the spaces it declares."
+        )
+
     def _write(self, obs: Mapping[str, Any]) -> None:
+        if not isinstance(obs, Mapping):
+            raise EnvOutputError(
+                f"Env copy {self.index} returned observations of type {type(obs).__name__}; a ParallelEnv returns a "
+                "dict {agent: observation}."
+            )
         env_agents = self.env.agents
+        checks = self.checks
         try:
-            if len(env_agents) == self.n_agents:
-                for agent, view in self.pairs:
-                    view[...] = obs[agent]
+            if env_agents == self.agents and len(obs) == self.n_agents:  # everyone present, declared order
+                for j, (agent, view) in enumerate(self.pairs):
+                    value = obs[agent]
+                    if checks is not None:
+                        problem = checks[j](value)
+                        if problem is not None:
+                            raise self._bad_observation(j, problem)
+                    view[...] = value
                 if not self.all_alive:
                     self.alive_row[:] = True
                     self.live = list(self.agents)
@@ -134,6 +177,8 @@ class _CopyRunner:
                 obs = self._write_partial(obs, env_agents)
         except KeyError:  # an agent in env.agents without an observation: treat it as absent
             obs = self._write_partial(obs, env_agents)
+        except EnvOutputError:
+            raise
         except ValueError as error:
             self._raise_bad_observation(obs, error)
         self.reader.write(obs, self.state_view)
@@ -144,12 +189,20 @@ class _CopyRunner:
         The state is then built from the same observations (when it is their concatenation), so that it describes
         what the agents see: an agent that just left still has a last observation in ``obs`` but counts as absent.
         """
+        if self.checks is not None:
+            self._check_names(env_agents, "env.agents")
+            self._check_names(obs, "the observation dict")
         present = set(env_agents)
         live = []
         live_obs = {}
         for j, (agent, view) in enumerate(self.pairs):
             if agent in present and agent in obs:
-                view[...] = live_obs[agent] = obs[agent]
+                value = obs[agent]
+                if self.checks is not None:
+                    problem = self.checks[j](value)
+                    if problem is not None:
+                        raise self._bad_observation(j, problem)
+                view[...] = live_obs[agent] = value
                 self.alive_row[j] = True
                 live.append(agent)
             else:  # absent agents: zero observation, alive false
