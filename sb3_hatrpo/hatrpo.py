@@ -479,8 +479,9 @@ class HATRPO(OnPolicyAlgorithm):
         """Close what ``learn()`` and the constructor opened: the model's own env and SB3's log files."""
         if self._owned_env is not None and self.env is self._owned_env:
             self._owned_env.close()
-        if not self._custom_logger:
-            self.logger.close()
+        logger = getattr(self, "_logger", None)  # None if the first reset failed
+        if logger is not None and not self._custom_logger:
+            logger.close()
 
     def predict(  # type: ignore[override]
         self,

@@ -24,7 +24,7 @@ ObservationCheck = Callable[[Any], "str | None"]
 
 
 def _describe_value(value: Any) -> str:
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line: arrays print over several
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -78,21 +78,18 @@ def observation_check(space: spaces.Space) -> ObservationCheck:
 
         return check_float_box
 
-    if isinstance(space, spaces.Box):  # integer Box (images): the dtype's range, then the bounds
-        dtype = space.dtype
-        assert dtype is not None
-        info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
-        low = space.low if info is None else np.maximum(space.low, info.min)
-        high = space.high if info is None else np.minimum(space.high, info.max)
-        what = f"the bounds [{low.min()}, {high.max()}] of {space}"
+    if isinstance(space, spaces.Box):  # integer Box (images): values must fit the dtype, else they wrap
+        dtype = np.dtype(space.dtype)
+        info = np.iinfo(dtype) if dtype.kind in "iu" else None
+        what = f"the range [{info.min}, {info.max}] of {dtype}" if info is not None else f"{dtype}"
 
         def check_int_box(value: Any) -> str | None:
             array, problem = _as_array(value)
             if array is None:
                 return problem
             problem = shape_problem(array)
-            if problem is None and array.dtype != dtype:  # same dtype: the values are in range by construction
-                problem = _integer_problem(array, low, high, what)
+            if problem is None and info is not None and array.dtype != dtype:  # same dtype: in range by construction
+                problem = _integer_problem(array, info.min, info.max, what)
             return problem
 
         return check_int_box

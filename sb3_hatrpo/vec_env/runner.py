@@ -79,10 +79,13 @@ class _CopyRunner:
             index = self.agent_index
             action_dict = {agent: actions[index[agent]] for agent in self.live}
         obs, rewards, terminations, truncations, agent_infos = self.env.step(action_dict)
-        if rewards.keys() != self.known:  # some agents left, or the env invented names
-            self._check_names(rewards, "the rewards")
-            self._check_names(terminations, "the terminations")
-            self._check_names(truncations, "the truncations")
+        known = self.known
+        if rewards.keys() != known or terminations.keys() != known or truncations.keys() != known:
+            # some agents left, or the env invented names
+            step = self.episode_length + 1
+            self._check_names(rewards, "the rewards", step)
+            self._check_names(terminations, "the terminations", step)
+            self._check_names(truncations, "the truncations", step)
         reward = self._team_reward(rewards)
         self.episode_return += reward
         self.episode_length += 1
@@ -135,12 +138,13 @@ class _CopyRunner:
             f"{NON_FINITE_HINT}"
         )
 
-    def _check_names(self, names: Any, where: str) -> None:
+    def _check_names(self, names: Any, where: str, step: int | None = None) -> None:
         """``EnvOutputError`` if ``names`` holds an agent outside ``possible_agents``."""
         unknown = unknown_agents(names, self.known)
         if unknown:
+            step = self.episode_length if step is None else step
             raise EnvOutputError(
-                f"Env copy {self.index} returned the agent(s) {unknown} in {where} at step {self.episode_length} "
+                f"Env copy {self.index} returned the agent(s) {unknown} in {where} at step {step} "
                 f"since reset, but its possible_agents are {self.agents}; every agent the env names at run time "
                 "must be declared in possible_agents (with the same name)."
             )
