@@ -64,6 +64,8 @@ class Hostile(ParallelEnv):
             obs = list(obs.values())
         elif fault == "inf_reward":
             rewards = {a: float("inf") for a in rewards}
+        elif fault == "huge_reward":  # finite, but the returns overflow float32
+            rewards = {a: 3e38 for a in rewards}
         elif fault == "hang":
             time.sleep(60)
         return obs, rewards, terminations, truncations
@@ -83,7 +85,7 @@ class Hostile(ParallelEnv):
         rewards = {a: 1.0 for a in self.agents}
         terminations = {a: done for a in self.agents}
         truncations = {a: False for a in self.agents}
-        if self.t == self.at:
+        if self.t == self.at or (self.fault == "huge_reward" and self.t > self.at):
             obs, rewards, terminations, truncations = self._spoil(obs, rewards, terminations, truncations)
         infos = {a: {} for a in self.agents}
         if done:
@@ -279,6 +281,14 @@ def test_learn_stops_instead_of_training_on_garbage(fault, at, message):
     with pytest.raises(EnvOutputError, match=message):
         model.learn(64)
     assert model.env.closed  # the model made this env: closed on failure
+
+
+@pytest.mark.parametrize("normalize_value", [True, False])
+def test_the_huge_reward_hint_does_not_suggest_what_is_already_on(normalize_value):
+    model = HATRPO("MlpPolicy", HostileFactory(fault="huge_reward", at=2), normalize_value=normalize_value, **TINY)
+    with pytest.raises(FloatingPointError, match="Non-finite advantages") as error:
+        model.learn(16)
+    assert ("normalize_value=True" in str(error.value)) is not normalize_value
 
 
 def test_failed_learns_leave_no_worker_processes_behind():
