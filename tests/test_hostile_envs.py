@@ -209,6 +209,25 @@ def test_observations_must_match_their_space_exactly(space, value, problem, at):
 
 
 @pytest.mark.parametrize(
+    ("space", "value", "problem"),
+    [
+        (BOX3, np.zeros(1, np.float32), r"shape \(1,\)"),  # was broadcast into the terminal observation
+        (BOX3, None, None),  # None at the end: the agent left, nothing to check
+        (UINT8, np.full((2, 2), 300.0), r"outside the range \[0, 255\] of uint8"),
+        (spaces.Discrete(4), 9, r"outside Discrete\(4\)"),
+    ],
+    ids=["short", "none", "uint8", "discrete"],
+)
+def test_the_last_observation_of_an_episode_is_checked_too(space, value, problem):
+    env = hostile_vec_env(n_envs=2, fault="obs", at=4, length=4, space=space, value=value, faulty=(1,))
+    if problem is None:
+        run_steps(env)
+        return
+    with pytest.raises(EnvOutputError, match=rf"Agent 'a1' in env copy 1 returned .*{problem}.* last observation"):
+        run_steps(env)
+
+
+@pytest.mark.parametrize(
     ("space", "value"),
     [
         (BOX3, np.zeros(3)),  # float64 into a float32 Box: fine

@@ -151,10 +151,10 @@ class _CopyRunner:
                 "must be declared in possible_agents (with the same name)."
             )
 
-    def _bad_observation(self, j: int, problem: str) -> EnvOutputError:
+    def _bad_observation(self, j: int, problem: str, when: str = "") -> EnvOutputError:
         return EnvOutputError(
             f"Agent {self.agents[j]!r} in env copy {self.index} returned {problem} (step {self.episode_length} "
-            f"since reset; declared observation space {self.spaces[j]}). Fix the env, or wrap it so that its "
+            f"since reset{when}; declared observation space {self.spaces[j]}). Fix the env, or wrap it so that its "
             "observations match the spaces it declares."
         )
 
@@ -229,12 +229,24 @@ class _CopyRunner:
         raise error
 
     def _observation_copy(self, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Every agent's observation as a new array in its final dtype (zeros for agents without one)."""
+        """Every agent's last observation as a new array in its final dtype (zeros for agents without one),
+        checked as the others: a terminal observation is what GAE bootstraps a truncated episode from."""
+        if not isinstance(obs, Mapping):
+            raise EnvOutputError(
+                f"Env copy {self.index} returned observations of type {type(obs).__name__} at the end of an "
+                "episode; a ParallelEnv returns a dict {agent: observation}."
+            )
+        if self.checks is not None:
+            self._check_names(obs, "the last observation dict of an episode")
         out = {}
-        for agent, spec in zip(self.agents, self.specs):
+        for j, (agent, spec) in enumerate(zip(self.agents, self.specs)):
             value = obs.get(agent)
             if value is None:
                 out[agent] = np.zeros(spec.shape, dtype=spec.dtype)
-            else:
-                out[agent] = np.array(value, dtype=spec.dtype).reshape(spec.shape)
+                continue
+            if self.checks is not None:
+                problem = self.checks[j](value)
+                if problem is not None:
+                    raise self._bad_observation(j, problem, when=", the last observation of its episode")
+            out[agent] = np.array(value, dtype=spec.dtype).reshape(spec.shape)
         return out
