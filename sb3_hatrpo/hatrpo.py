@@ -554,6 +554,11 @@ class HATRPO(OnPolicyAlgorithm):
                 raise FileNotFoundError(f"No saved HATRPO model at {path} (nor {path}.zip)")
             if not zipfile.is_zipfile(existing):
                 raise ValueError(f"{existing} is not a model saved by HATRPO.save(): it is not a zip file (corrupted?)")
+            if not _ends_with_zip_directory(existing):
+                raise ValueError(
+                    f"{existing} is truncated: the file ends before the zip directory of a model saved by "
+                    "HATRPO.save() (an interrupted copy or download?); use a complete copy or another checkpoint"
+                )
             path = existing
         if print_system_info:
             print("== CURRENT SYSTEM INFO ==")
@@ -596,6 +601,23 @@ class HATRPO(OnPolicyAlgorithm):
             model._last_alive = None
             model._owned_env = env if owned else None
         return model
+
+
+def _ends_with_zip_directory(path: pathlib.Path) -> bool:
+    """Whether the file ends with its zip end-of-directory record (plus its comment).
+
+    A truncated model zip can still look like a zip: the ``.pth`` entries are zips themselves, and
+    ``zipfile`` then reads the directory of the last one it finds, which lists no model entries.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        file.seek(max(0, size - (22 + 65535)))  # the record is 22 bytes plus a comment of at most 64 KiB
+        tail = file.read()
+    position = tail.rfind(b"PK\x05\x06")
+    if position < 0 or position + 22 > len(tail):
+        return False
+    comment_length = int.from_bytes(tail[position + 20 : position + 22], "little")
+    return position + 22 + comment_length == len(tail)
 
 
 def _describe_source(path: Any) -> str:

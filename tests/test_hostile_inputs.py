@@ -156,8 +156,14 @@ def _rewrite(source: Path, target: Path, replace: dict) -> Path:
 
 def _corrupt(kind: str, good: Path, target: Path) -> Path:
     raw = good.read_bytes()
-    if kind == "half":
+    if kind == "cut_half":
         target.write_bytes(raw[: len(raw) // 2])
+    elif kind == "cut_still_a_zip":  # cut where zipfile still finds a directory (of a .pth zip inside)
+        for percent in range(20, 99):
+            target.write_bytes(raw[: len(raw) * percent // 100])
+            if zipfile.is_zipfile(target):
+                break
+        assert zipfile.is_zipfile(target)
     elif kind == "empty":
         target.write_bytes(b"")
     elif kind == "text":
@@ -190,7 +196,8 @@ def _torch_bytes(torch, obj) -> bytes:
 @pytest.mark.parametrize(
     ("kind", "says"),
     [
-        ("half", "not a zip file|truncated or corrupted"),
+        ("cut_half", "is truncated|not a zip file"),
+        ("cut_still_a_zip", "is truncated: the file ends before the zip directory"),
         ("empty", "not a zip file"),
         ("text", "not a zip file"),
         ("broken_json", "'data' entry is not valid JSON"),
@@ -265,3 +272,20 @@ def test_a_save_in_progress_elsewhere_is_not_removed(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_save_that_fails_keeps_the_old_model_and_leaves_no_temporary_file(saved_model, tmp_path, monkeypatch):
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    target = tmp_path / "model.zip"
+    target.write_bytes(saved_model.read_bytes())
+
+    def disk_full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BaseAlgorithm, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        HATRPO("MlpPolicy", ENV, **TINY).save(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.zip"]
+    HATRPO.load(target)
