@@ -18,6 +18,7 @@ extras = {
         "tqdm>=4.66",
         "psycopg2-binary>=2.9",
         "imageio>=2.30",
+        "imageio-ffmpeg>=0.5",  # mp4 videos (enjoy --record-video), written frame by frame
     ],
     "tests": [
         "pytest>=8.0",

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,19 @@ ALLOCATION_FIELDS = (
     "potential",
     "step_fraction",
 )
+# The logger's records of the same figures (HATRPO.train): the bridge leaves them to the allocation/ keys, which
+# carry every iteration at its own timestep (SB3 dumps the logger before train(), so it misses the last one)
+_ALLOCATION_RECORD = re.compile(r"^train/(kl_budget|total_kl|[^/]+/(" + "|".join(ALLOCATION_FIELDS) + r"|accepted))$")
+
+
+def is_allocation_record(key: str) -> bool:
+    """Whether a logger key is a figure :class:`WandbCallback` logs under ``allocation/`` (so not twice).
+
+    :param key: An SB3 logger key.
+    """
+    return _ALLOCATION_RECORD.match(key) is not None
+
+
 _VERSIONED_PACKAGES = (
     "sb3_hatrpo",
     "stable_baselines3",
@@ -77,19 +92,21 @@ class WandbOutputFormat(KVWriter):
     """An SB3 logger output that sends every dump to ``run.log``, with ``global_step`` = the timestep.
 
     Numbers only (strings, videos and figures of other formats are skipped); keys excluded for
-    ``"wandb"`` are left out, as SB3's formats do for their names.
+    ``"wandb"`` are left out, as SB3's formats do for their names, and so are the keys ``skip`` returns True for.
 
     :param run: the W&B run (``wandb.init(...)``)
+    :param skip: keys logged by other means (``WandbCallback`` logs the allocation under ``allocation/``)
     """
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, skip: Callable[[str], bool] | None = None) -> None:
         self.run = run
+        self.skip = skip
 
     def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
         data: dict[str, float] = {}
         for key, value in key_values.items():
             excluded = key_excluded.get(key)
-            if excluded is not None and "wandb" in excluded:
+            if (excluded is not None and "wandb" in excluded) or (self.skip is not None and self.skip(key)):
                 continue
             if isinstance(value, bool | np.bool_):
                 data[key] = float(value)
@@ -169,7 +186,7 @@ class WandbCallback(_import_wandb_callback()):  # type: ignore[misc]
         self.run.define_metric("*", step_metric="global_step")
         self.run.config.update(self.run_config(), allow_val_change=True)
         if self.bridge_logger and not any(isinstance(f, WandbOutputFormat) for f in self.logger.output_formats):
-            self._output_format = WandbOutputFormat(self.run)
+            self._output_format = WandbOutputFormat(self.run, skip=is_allocation_record)
             self.logger.output_formats.append(self._output_format)
         self._logged_updates = int(getattr(self.model, "_n_updates", 0))
 

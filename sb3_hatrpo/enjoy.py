@@ -3,8 +3,9 @@
 Finds the run in rl-zoo's layout (``<log folder>/hatrpo/<env>_<id>``, ``--exp-id 0`` = the latest),
 rebuilds the env with the config that trained it (its ``env_kwargs`` and ``env_wrapper``), loads the
 model (checking every agent's spaces against the env), runs ``-n`` episodes and prints each episode's
-return and length, then their mean +- std. ``--record-video`` writes the rendered frames to an mp4
-(if imageio's ffmpeg plugin is installed) or a gif.
+return and length, then their mean +- std. ``--record-video`` streams the rendered frames to an mp4
+(``imageio-ffmpeg``, in the ``zoo`` extra) or a gif (:mod:`sb3_hatrpo.zoo.video`). Without a display (Linux,
+no ``DISPLAY``/``WAYLAND_DISPLAY``) it does not open a window: it says so and runs without rendering.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from sb3_hatrpo.zoo.utils import CLIError, env_folder_name, find_run, run_cli, set_num_threads
+from sb3_hatrpo.extras import require
+from sb3_hatrpo.zoo.utils import CLIError, HelpFormatter, env_folder_name, find_run, run_cli, set_num_threads
 
-__all__ = ["EnjoyResult", "find_model", "main", "make_parser", "run"]
+__all__ = ["EnjoyResult", "display_available", "find_model", "main", "make_parser", "run"]
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sb3_hatrpo.enjoy",
         description="Run a trained HATRPO model for some episodes and report the returns.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--env", required=True, help="env id the model was trained on")
     parser.add_argument("-f", "--log-folder", default="logs", help="root of the run folders")
@@ -137,20 +139,14 @@ def _render_modes(env_id: str, env_kwargs: dict[str, Any]) -> list[str]:
         env.close()
 
 
-def _write_video(frames: list[np.ndarray], path: Path, fps: int) -> Path:
-    import imageio.v2 as imageio
+def display_available() -> bool:
+    """Whether a window can open: on Linux, an X11 or Wayland display is set; elsewhere assumed.
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".mp4":
-        try:
-            imageio.mimsave(path, frames, fps=fps)  # type: ignore[arg-type]
-            return path
-        except Exception:  # no ffmpeg backend
-            gif = path.with_suffix(".gif")
-            print(f"Cannot write mp4 (pip install imageio[ffmpeg] for it): writing {gif}", file=sys.stderr)
-            path = gif
-    imageio.mimsave(path, frames, duration=1000 / fps, loop=0)  # type: ignore[arg-type]
-    return path
+    Without one, GLFW (MuJoCo's ``human`` rendering) aborts the process with a C assertion.
+    """
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -168,7 +164,12 @@ def run(argv: Sequence[str] | None = None) -> EnjoyResult:
     """
     args = make_parser().parse_args(argv)
     set_num_threads(args.num_threads)
-    return run_cli("sb3_hatrpo.enjoy", lambda: _enjoy(args), traceback=args.verbose >= 2)
+
+    def body() -> EnjoyResult:
+        require(["yaml", *(["imageio"] if args.record_video is not None else [])], "python -m sb3_hatrpo.enjoy")
+        return _enjoy(args)
+
+    return run_cli("sb3_hatrpo.enjoy", body, traceback=args.verbose >= 2)
 
 
 def _enjoy(args: argparse.Namespace) -> EnjoyResult:
@@ -180,6 +181,13 @@ def _enjoy(args: argparse.Namespace) -> EnjoyResult:
     if args.n_episodes < 1:
         raise CLIError(f"-n/--n-episodes must be at least 1, got {args.n_episodes}")
     check_device(args.device, owner="--device")
+    if not args.no_render and args.record_video is None and not display_available():
+        print(
+            "No display (DISPLAY is not set): not rendering. Use --record-video to write a video instead, "
+            "or --no-render to skip this check.",
+            file=sys.stderr,
+        )
+        args.no_render = True
     if args.record_video is not None and not os.environ.get("DISPLAY"):
         # Off-screen MuJoCo rendering without a display needs EGL (glfw, the default, needs X11).
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -218,25 +226,27 @@ def _enjoy(args: argparse.Namespace) -> EnjoyResult:
         env_kwargs.pop("render_mode")
         render_mode = None
         env = make_vec_env(args.env, n_envs=1, seed=args.seed, wrapper=prepared.env_wrapper, env_kwargs=env_kwargs)
-    frames: list[np.ndarray] = []
+    video = None
+    if render_mode == "rgb_array":
+        from sb3_hatrpo.zoo.video import VideoWriter
+
+        target = (
+            Path(args.record_video) if args.record_video else run_dir / "videos" / f"{env_folder_name(args.env)}.mp4"
+        )
+        video = VideoWriter(target, args.fps)
+    video_path = None
     try:
         # seed: else loading re-seeds the env with the training seed (rl-zoo passes it the same way)
         model = HATRPO.load(model_path, env=env, device=args.device, seed=args.seed)
         print(f"Loaded {model_path} ({', '.join(model.agents)})")
-        returns, lengths = _run(model, env, args.n_episodes, args.deterministic, render_mode, frames)
+        returns, lengths = _run(model, env, args.n_episodes, args.deterministic, render_mode, video)
     finally:
         env.close()
-
-    video_path = None
-    if args.record_video is not None:
-        if frames:
-            target = (
-                Path(args.record_video)
-                if args.record_video
-                else run_dir / "videos" / f"{env_folder_name(args.env)}.mp4"
-            )
-            video_path = _write_video(frames, target, args.fps)
-            print(f"Video: {video_path} ({len(frames)} frames)")
+        if video is not None:
+            video_path = video.close()
+    if video is not None:
+        if video_path is not None:
+            print(f"Video: {video_path} ({video.n_frames} frames)")
         else:
             print("No frames were rendered: no video written", file=sys.stderr)
 
@@ -248,7 +258,7 @@ def _enjoy(args: argparse.Namespace) -> EnjoyResult:
 
 
 def _run(
-    model: Any, env: Any, n_episodes: int, deterministic: bool, render_mode: str | None, frames: list[np.ndarray]
+    model: Any, env: Any, n_episodes: int, deterministic: bool, render_mode: str | None, video: Any
 ) -> tuple[list[float], list[int]]:
     returns: list[float] = []
     lengths: list[int] = []
@@ -271,8 +281,8 @@ def _run(
                 )
                 render = False
             else:
-                if render_mode == "rgb_array" and frame is not None:
-                    frames.append(np.asarray(frame))
+                if video is not None and frame is not None:
+                    video.append(np.asarray(frame))
         if dones[0]:
             episode = infos[0].get("episode", {})
             returns.append(float(episode.get("r", episode_return)))

@@ -29,9 +29,12 @@ from torch.nn import functional as F
 
 from sb3_hatrpo.allocators import BaseAllocator, make_allocator
 from sb3_hatrpo.atomic import atomic_write
+from sb3_hatrpo.budget import check_total_timesteps, default_total_timesteps
 from sb3_hatrpo.buffers import MultiAgentRolloutBuffer, RolloutData
+from sb3_hatrpo.env_spec import EnvSpec, mismatch_hint
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
 from sb3_hatrpo.stall import StallDetector
+from sb3_hatrpo.threads import DEFAULT_NUM_THREADS, check_num_threads, torch_threads
 from sb3_hatrpo.trust_region import TrustRegionPlanner
 from sb3_hatrpo.validation import check_finite_observations, check_hyperparameters, check_learn_arguments
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
@@ -85,6 +88,9 @@ class HATRPO(OnPolicyAlgorithm):
     :param seed: seed of torch, numpy, the envs and the update order
     :param device: ``"cpu"``, ``"cuda"`` or ``"auto"``
     :param _init_setup_model: build the networks now (False when loading)
+    :param num_threads: torch CPU threads while this model learns and predicts (set for the call, then
+        restored); default 1, the fastest for these small MLPs (``benchmarks/threads.py``); None leaves
+        torch's setting alone (e.g. for large networks, or on a GPU)
     """
 
     policy_aliases: ClassVar[dict[str, type[HATRPOPolicy]]] = {"MlpPolicy": MlpPolicy}  # type: ignore[assignment]
@@ -123,8 +129,10 @@ class HATRPO(OnPolicyAlgorithm):
         seed: int | None = None,
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
+        num_threads: int | None = DEFAULT_NUM_THREADS,
     ) -> None:
         # Checked before anything is built, so a typo costs nothing.
+        check_num_threads(num_threads)
         check_hyperparameters(
             learning_rate=learning_rate,
             n_steps=n_steps,
@@ -199,6 +207,9 @@ class HATRPO(OnPolicyAlgorithm):
         # The vectorised env this model built itself (from an id, a factory or a ParallelEnv): a failed learn()
         # closes it, so its worker processes do not outlive the failure. A MultiAgentVecEnv passed in is the caller's.
         self._owned_env = owned_env
+        self.num_threads = num_threads
+        # How the env was made, saved with the model (see make_env)
+        self.env_spec: EnvSpec | None = EnvSpec.of(self.env)
         if self.env is not None:
             self.state_space = self.env.state_space
             if self.n_steps * self.n_envs < 2:
@@ -444,36 +455,54 @@ class HATRPO(OnPolicyAlgorithm):
 
     def learn(
         self: SelfHATRPO,
-        total_timesteps: int,
+        total_timesteps: int | None = None,
         callback: MaybeCallback = None,
         log_interval: int = 1,
         tb_log_name: str = "HATRPO",
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfHATRPO:
-        """Train for ``total_timesteps`` env steps (all copies together); SB3's ``learn``.
+        """Train for ``total_timesteps`` env steps (summed over the env copies), on ``num_threads`` threads.
 
         If training fails, the env this model created itself (from an id, a factory or a ParallelEnv) is closed
         (its worker processes end) and the log files SB3 opened are closed; the exception is re-raised.
+
+        :param total_timesteps: the budget, a positive whole number; default: the zoo config's ``n_timesteps``
+            when the model was made from a known env id, else 1,000,000 (``sb3_hatrpo.budget``)
+        :param callback: SB3 callback(s) called at every step
+        :param log_interval: dump the logger every this many iterations
+        :param tb_log_name: TensorBoard run name
+        :param reset_num_timesteps: start the timestep count from 0 (False to continue)
+        :param progress_bar: show a progress bar (needs tqdm and rich: the ``zoo`` extra)
         """
+        if total_timesteps is None:
+            total_timesteps, source = default_total_timesteps(self.env_spec.env_id if self.env_spec else None)
+            if self.verbose >= 1:
+                print(f"learn(): no total_timesteps given: {total_timesteps:,} ({source})")
+        total_timesteps = check_total_timesteps(total_timesteps)
         check_learn_arguments(total_timesteps, log_interval, reset_num_timesteps, progress_bar, tb_log_name)
         if self.env is not None and getattr(self.env, "closed", False):
             raise ValueError(
                 "This model's env is closed (a failed learn() closes the env the model created): give it a new one "
                 "with model.set_env(sb3_hatrpo.make_vec_env(...))"
             )
-        try:
-            return super().learn(
-                total_timesteps=total_timesteps,
-                callback=callback,
-                log_interval=log_interval,
-                tb_log_name=tb_log_name,
-                reset_num_timesteps=reset_num_timesteps,
-                progress_bar=progress_bar,
-            )
-        except Exception:
-            self._close_after_failure()
-            raise
+        if progress_bar:
+            from sb3_hatrpo.extras import require
+
+            require(["tqdm", "rich"], "progress_bar=True")
+        with torch_threads(self._threads()):
+            try:
+                return super().learn(
+                    total_timesteps=total_timesteps,
+                    callback=callback,
+                    log_interval=log_interval,
+                    tb_log_name=tb_log_name,
+                    reset_num_timesteps=reset_num_timesteps,
+                    progress_bar=progress_bar,
+                )
+            except Exception:
+                self._close_after_failure()
+                raise
 
     def _close_after_failure(self) -> None:
         """Close what ``learn()`` and the constructor opened: the model's own env and SB3's log files."""
@@ -490,12 +519,40 @@ class HATRPO(OnPolicyAlgorithm):
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
     ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...] | None]:
-        """Actions for the agents in ``observation`` (``{agent: obs}``, one env or batched); see the policy's.
-
-        ``ValueError`` naming the agent for a NaN or infinite observation.
-        """
+        """Actions for the agents in ``observation`` (``{agent: obs}``, one env or batched), on ``num_threads``
+        threads; see the policy's. ``ValueError`` naming the agent for a NaN or infinite observation."""
         check_finite_observations(observation)
-        return self.policy.predict(observation, state, episode_start, deterministic)
+        with torch_threads(self._threads()):
+            return self.policy.predict(observation, state, episode_start, deterministic)
+
+    def _threads(self) -> int | None:
+        # getattr: models saved before num_threads existed
+        return getattr(self, "num_threads", DEFAULT_NUM_THREADS) if self.device.type == "cpu" else None
+
+    def make_env(
+        self, n_envs: int = 1, seed: int | None = None, vec_env_cls: str = "dummy", **env_kwargs: Any
+    ) -> MultiAgentVecEnv:
+        """New copies of the env this model was made with (its id, ``env_kwargs`` and wrapper, saved with it).
+
+        ``HATRPO.load(path)`` without an env, then ``evaluate_policy(model, model.make_env())``.
+
+        :param n_envs: copies
+        :param seed: seed of the copies' first reset (copy ``i`` gets ``seed + i``)
+        :param vec_env_cls: ``"dummy"`` or ``"subproc"``
+        :param env_kwargs: override the saved keyword arguments (e.g. ``render_mode="rgb_array"``)
+        :raises ValueError: if the model was not made from an env id
+        """
+        spec = getattr(self, "env_spec", None)
+        if spec is None:
+            raise ValueError(
+                "This model was not made from an env id (or was saved before env ids were recorded), so it cannot "
+                "rebuild its env: create it yourself, e.g. make_vec_env(env_id, env_kwargs={...})."
+            )
+        spec = spec.with_kwargs(env_kwargs)
+        return make_vec_env(
+            spec.env_id, n_envs=n_envs, seed=seed, vec_env_cls=vec_env_cls, wrapper=spec.wrapper,
+            env_kwargs=spec.env_kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------ save / load
     def _excluded_save_params(self) -> list[str]:
@@ -543,7 +600,9 @@ class HATRPO(OnPolicyAlgorithm):
         :param custom_objects: replace saved objects that cannot be unpickled (SB3's option)
         :param print_system_info: print the saving and the current system's versions
         :param force_reset: reset the env before training resumes
-        :param kwargs: attributes to change after loading (e.g. ``n_envs`` when ``env`` is an id)
+        :param kwargs: attributes to change after loading (e.g. ``n_envs`` when ``env`` is an id,
+            ``num_threads``); ``env_kwargs`` are keyword arguments of ``make_env`` when ``env`` is an id: with the
+            id the model was made from, they update the saved ones (which apply by default)
         :raises FileNotFoundError: no file at ``path`` (nor ``path.zip``)
         :raises ValueError: naming the file, when it is not a complete HATRPO model (truncated, corrupted, foreign)
         """
@@ -572,13 +631,20 @@ class HATRPO(OnPolicyAlgorithm):
         owned = env is not None and not isinstance(env, MultiAgentVecEnv)
         if env is not None:
             n_envs = kwargs.pop("n_envs", 1)
-            env = cls._to_vec_env(env, n_envs=n_envs, env_kwargs=kwargs.pop("env_kwargs", None))
+            env_kwargs = kwargs.pop("env_kwargs", None)
+            saved_spec = data.get("env_spec") if isinstance(data.get("env_spec"), EnvSpec) else None
+            if isinstance(env, str) and saved_spec is not None and saved_spec.env_id == env:
+                # The same id: the env the model was trained on, unless env_kwargs say otherwise
+                spec = saved_spec.with_kwargs(env_kwargs)
+                env = make_vec_env(env, n_envs=n_envs, wrapper=spec.wrapper, env_kwargs=spec.env_kwargs)
+            else:
+                env = cls._to_vec_env(env, n_envs=n_envs, env_kwargs=env_kwargs)
             try:
                 check_agent_spaces(env, data["observation_space"], data["action_space"], data["state_space"])
-            except ValueError:
+            except ValueError as error:
                 if owned:  # ours: its workers must not outlive the error
                     env.close()
-                raise
+                raise ValueError(f"{error}.{mismatch_hint(saved_spec, env, path)}") from None
             if force_reset:
                 data["_last_obs"] = None  # the env is reset before training (SB3 issue 597)
             data["n_envs"] = env.num_envs

@@ -1,7 +1,10 @@
 """Plot training runs: ``python -m sb3_hatrpo.plot curves|kl ...`` (PNG files, no display needed).
 
 * ``curves``: learning curves (mean +- std over seeds) of every run of ``--env`` in ``-f``, one curve
-  per allocator (``--group-by``), or of the run folders given with ``--runs``.
+  per allocator (``--group-by``), or of the run folders given with ``--runs``; runs evaluated at other
+  timesteps get lines of their own.
+
+The plotting functions are in :mod:`sb3_hatrpo.zoo.run_plots`.
 * ``kl``: per-agent KL thresholds, realised KL, improvement and update order of one run.
 """
 
@@ -11,6 +14,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from sb3_hatrpo.extras import require
 from sb3_hatrpo.zoo.utils import ALGO, CLIError, env_folder_name, find_run, run_cli
 
 __all__ = ["main", "make_parser", "run"]
@@ -51,11 +55,16 @@ def run(argv: Sequence[str] | None = None) -> Path:
     :param argv: the command's arguments
     """
     args = make_parser().parse_args(argv)
-    return run_cli("sb3_hatrpo.plot", lambda: _plot(args), traceback=args.verbose >= 2)
+
+    def body() -> Path:
+        require(["matplotlib", "yaml"], "python -m sb3_hatrpo.plot")
+        return _plot(args)
+
+    return run_cli("sb3_hatrpo.plot", body, traceback=args.verbose >= 2)
 
 
 def _plot(args: argparse.Namespace) -> Path:
-    from sb3_hatrpo.plotting import find_runs, group_runs, plot_kl_allocation, plot_learning_curves
+    from sb3_hatrpo.zoo.run_plots import find_runs, group_runs, plot_kl_allocation, plot_learning_curves
 
     if args.command == "curves":
         if args.runs:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from sb3_hatrpo.zoo.utils import run_cli, set_num_threads
+from sb3_hatrpo.extras import require
+from sb3_hatrpo.zoo.utils import HelpFormatter, positive_timesteps, run_cli, set_num_threads
 
 __all__ = ["format_summary", "main", "make_parser", "run"]
 
@@ -24,13 +25,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sb3_hatrpo.train",
         description="Train HATRPO (uniform), HATRPO-W (kkt) or HATRPO-G (greedy) with the zoo's hyperparameters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--env", required=True, help="env id, e.g. games:differential, mamujoco:HalfCheetah-2x3")
     parser.add_argument(
         "--allocator", default=None, help="uniform (hatrpo), kkt (w) or greedy (g); default: the config's"
     )
-    parser.add_argument("-n", "--n-timesteps", type=int, default=-1, help="training budget; -1: the config's")
+    parser.add_argument(
+        "-n", "--n-timesteps", type=positive_timesteps, default=None, help="training budget; default: the config's"
+    )
     parser.add_argument("-f", "--log-folder", default="logs", help="root of the run folders")
     parser.add_argument("--seed", type=int, default=-1, help="random seed; -1 draws one (saved in args.yml)")
     parser.add_argument("-conf", "--conf-file", default=None, help="config file; default: the package's hatrpo.yml")
@@ -61,9 +64,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="torch CPU threads; small MLPs run fastest on 1 (threads spin on a busy machine); 0: torch's default",
     )
     parser.add_argument("-tb", "--tensorboard-log", default=None, help="also write TensorBoard logs here")
-    parser.add_argument("--log-interval", type=int, default=1, help="dump the logger every N iterations")
+    parser.add_argument("--log-interval", type=int, default=1, help="print the logger's table every N iterations")
     parser.add_argument(
-        "--verbose", type=int, default=1, help="0 quiet, 1 tables and summary, 2 debug (tracebacks of errors)"
+        "--verbose",
+        type=int,
+        default=1,
+        help="0 quiet, 1 short tables and summary, 2 full tables (per-agent figures) and tracebacks of errors",
     )
     parser.add_argument(
         "--allow-import",
@@ -152,7 +158,8 @@ def _print_summary(result: Any, env_id: str, allocator: str, seed: int) -> None:
                 "yes" if record["accepted"] else "no",
             )
         console.print(table)
-    console.print(f"run folder: {result.run_dir}\nmodel: {result.model_path}")
+    # Plain print: rich would wrap long paths mid-name when the output is piped
+    print(f"run folder: {result.run_dir}\nmodel: {result.model_path}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -174,13 +181,15 @@ def run(argv: Sequence[str] | None = None) -> Any:
     set_num_threads(args.num_threads)
 
     def body() -> Any:
+        # Before anything is created: a missing extra must not leave an empty run folder behind
+        require(["yaml", *(["tqdm", "rich"] if args.progress else [])], "python -m sb3_hatrpo.train")
         from sb3_hatrpo.zoo.config import parse_params
         from sb3_hatrpo.zoo.exp_manager import ExperimentManager
 
         manager = ExperimentManager(
             env_id=args.env,
             allocator=args.allocator,
-            n_timesteps=args.n_timesteps,
+            n_timesteps=args.n_timesteps or -1,
             log_folder=args.log_folder,
             seed=args.seed,
             conf_file=args.conf_file,

@@ -32,7 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from sb3_hatrpo.zoo.utils import ALGO, CLIError, env_folder_name, run_cli, set_num_threads
+from sb3_hatrpo.extras import require
+from sb3_hatrpo.zoo.utils import (
+    ALGO,
+    CLIError,
+    HelpFormatter,
+    env_folder_name,
+    positive_timesteps,
+    run_cli,
+    set_num_threads,
+)
 
 __all__ = ["TuneResult", "main", "make_parser", "open_storage", "run"]
 
@@ -41,19 +50,21 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sb3_hatrpo.tune",
         description="Optuna hyperparameter search for HATRPO; several processes/machines can share one study.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--env", required=True, help="env id")
     parser.add_argument("--allocator", default=None, help="tune only this allocator's options (default: sample it)")
-    parser.add_argument("-n", "--n-timesteps", type=int, default=-1, help="budget of each trial; -1: the config's")
+    parser.add_argument(
+        "-n", "--n-timesteps", type=positive_timesteps, default=None, help="budget of each trial; default: the config's"
+    )
     parser.add_argument("-f", "--log-folder", default="logs", help="root folder of the reports (and the SQLite file)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler and of the trials (default random)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler and of the trials; default: random")
     parser.add_argument("-conf", "--conf-file", default=None, help="config file (the base hyperparameters)")
     parser.add_argument(
         "-params", "--hyperparams", nargs="+", default=[], metavar="KEY:VALUE", help="fixed (not sampled) values"
     )
     parser.add_argument("--env-kwargs", nargs="+", default=[], metavar="KEY:VALUE", help="extra make_env arguments")
-    parser.add_argument("--n-trials", type=int, default=None, help="trials this process runs (default 10)")
+    parser.add_argument("--n-trials", type=int, default=None, help="trials this process runs; default: 10")
     parser.add_argument(
         "--max-total-trials", type=int, default=None, help="stop when the study holds this many trials (all workers)"
     )
@@ -68,7 +79,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage", default=None, help="Optuna storage URL; default sqlite:///<log folder>/hatrpo/optuna.db"
     )
-    parser.add_argument("--study-name", default=None, help="default hatrpo_<env>[_<allocator>]")
+    parser.add_argument("--study-name", default=None, help="study name; default: hatrpo_<env>[_<allocator>]")
     parser.add_argument("--no-optim-plots", action="store_true", help="skip the history/importance plots")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument(
@@ -366,7 +377,13 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
     """
     args = make_parser().parse_args(argv)
     set_num_threads(args.num_threads)
-    return run_cli("sb3_hatrpo.tune", lambda: _tune(args), traceback=args.verbose >= 2)
+
+    def body() -> TuneResult:
+        modules = ["optuna", "yaml", *([] if args.no_optim_plots else ["matplotlib"])]
+        require(modules, "python -m sb3_hatrpo.tune")  # before any storage or report folder is created
+        return _tune(args)
+
+    return run_cli("sb3_hatrpo.tune", body, traceback=args.verbose >= 2)
 
 
 def _tune(args: argparse.Namespace) -> TuneResult:
@@ -393,7 +410,7 @@ def _tune(args: argparse.Namespace) -> TuneResult:
     check_device(args.device, owner="--device")
     check_hyperparameters(**prepared.model_kwargs)  # fixed values every trial would fail on
     check_writable_folder(args.log_folder)
-    n_timesteps = args.n_timesteps if args.n_timesteps > 0 else prepared.n_timesteps
+    n_timesteps = args.n_timesteps or prepared.n_timesteps
     if not n_timesteps:
         raise ConfigError(f"No n_timesteps for {args.env!r} in {source}: pass -n/--n-timesteps")
     from sb3_hatrpo.envs import make_env

@@ -64,9 +64,8 @@ def test_wandb_offline_logs_logger_allocation_config_and_artifacts(tmp_path: Pat
         summary = dict(run.summary)
         for key in (
             "rollout/ep_rew_mean",  # SB3 logger records, through the bridge
-            "train/agent_0/threshold",
-            "train/agent_1/kl",
-            "train/kl_budget",
+            "train/agent_0/std",
+            "train/value_loss",
             "allocation/agent_0/threshold",  # the allocation of every iteration
             "allocation/agent_1/kl",
             "allocation/agent_0/improvement",
@@ -77,6 +76,9 @@ def test_wandb_offline_logs_logger_allocation_config_and_artifacts(tmp_path: Pat
             "global_step",
         ):
             assert key in summary, f"{key} not logged; logged: {sorted(summary)}"
+        # each figure once: the logger's copies of the allocation figures are not sent
+        for key in ("train/agent_0/threshold", "train/agent_1/kl", "train/kl_budget", "train/total_kl"):
+            assert key not in summary, key
         assert summary["global_step"] == model.num_timesteps == 200
         assert summary["allocation/kl_budget"] == pytest.approx(0.02)
         last = {r["agent"]: r for r in model.last_allocation}
@@ -162,8 +164,12 @@ def test_train_command_tracks_to_wandb_offline(tmp_path: Path) -> None:
     )  # fmt: skip
     summary, config = result.wandb_summary, result.wandb_config
     assert summary is not None and config is not None
-    for key in ("eval/mean_reward", "train/agent_0/threshold", "allocation/agent_1/kl", "final/eval_mean_return"):
+    for key in ("eval/mean_reward", "train/value_loss", "allocation/agent_1/kl", "final/eval_mean_return"):
         assert key in summary, f"{key} not logged; logged: {sorted(summary)}"
+    assert "train/agent_0/threshold" not in summary  # logged once, as allocation/agent_0/threshold
+    # the W&B run lives in the run folder, and no second copy of the model is left there
+    assert list((result.run_dir / "wandb").glob("offline-run-*"))
+    assert not (result.run_dir / "artifacts").exists()
     assert summary["final/eval_mean_return"] == pytest.approx(np.mean(result.eval_returns))
     assert config["env_id"] == "games:climbing" and config["allocator"] == "greedy"
     assert config["hyperparams"]["n_steps"] == 50 and config["exp_id"] == 1

@@ -66,15 +66,18 @@ def test_a_bogus_device_is_named():
 @pytest.mark.parametrize(
     ("kwargs", "culprit"),
     [
-        (dict(total_timesteps="100"), "total_timesteps must be an integer >= 1.*got '100'"),
-        (dict(total_timesteps=0), "total_timesteps must be an integer >= 1.*got 0"),
-        (dict(total_timesteps=64, log_interval=0), "log_interval must be an integer >= 1 or None.*got 0"),
-        (dict(total_timesteps=64, progress_bar="no"), "progress_bar must be True or False"),
+        (dict(total_timesteps="100"), "total_timesteps must be a positive whole number.*got '100'"),
+        (dict(total_timesteps=0), "total_timesteps must be a positive whole number.*got 0"),
+        (
+            dict(total_timesteps=64, log_interval=0),
+            r"HATRPO\.learn: log_interval must be an integer >= 1 or None.*got 0",
+        ),
+        (dict(total_timesteps=64, progress_bar="no"), r"HATRPO\.learn: progress_bar must be True or False"),
     ],
 )
 def test_learn_arguments_are_checked(kwargs, culprit):
     model = HATRPO("MlpPolicy", ENV, **TINY)
-    with pytest.raises(ValueError, match=rf"HATRPO\.learn: {culprit}"):
+    with pytest.raises(ValueError, match=culprit):
         model.learn(**kwargs)
     assert model.num_timesteps == 0
 

@@ -519,25 +519,58 @@ def test_tune_unreachable_storage_is_one_clear_line(tmp_path: Path, capsys) -> N
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def test_learning_curves_mean_and_std_over_seeds(tmp_path: Path) -> None:
-    from sb3_hatrpo.plotting import _mean_std, load_evaluations, plot_learning_curves
+def _fake_run(folder: Path, timesteps: list[int], returns: list[float]) -> Path:
+    folder.mkdir(parents=True)
+    results = np.array(returns, dtype=float)[:, None].repeat(2, axis=1)
+    np.savez(
+        folder / "evaluations.npz", timesteps=np.array(timesteps), results=results, ep_lengths=np.ones_like(results)
+    )
+    return folder
 
-    runs = []
-    for seed, offset in enumerate([0.0, 2.0]):
-        run = tmp_path / f"run{seed}"
-        run.mkdir()
-        np.savez(
-            run / "evaluations.npz",
-            timesteps=np.array([100, 200, 300, 300]),
-            results=np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]) + offset,
-            ep_lengths=np.ones((4, 2)),
-        )
-        runs.append(run)
+
+def test_learning_curves_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    from sb3_hatrpo.zoo.run_plots import learning_curves, load_evaluations, plot_learning_curves
+
+    runs = [_fake_run(tmp_path / f"run{seed}", [100, 200, 300, 300], [1.0 + offset, 2.0 + offset, 3.0 + offset,
+            4.0 + offset]) for seed, offset in enumerate([0.0, 2.0])]  # fmt: skip
     steps, values = load_evaluations(runs[0])
     assert list(steps) == [100, 200, 300] and list(values) == [1.0, 2.0, 4.0]  # the last evaluation at 300 wins
-    grid, mean, std = _mean_std([load_evaluations(r) for r in runs])
-    assert list(grid) == [100, 200, 300] and list(mean) == [2.0, 3.0, 5.0] and list(std) == [1.0, 1.0, 1.0]
+    (curve,) = learning_curves({"kkt": runs})
+    assert list(curve.steps) == [100, 200, 300] and list(curve.mean) == [2.0, 3.0, 5.0]
+    assert list(curve.std) == [1.0, 1.0, 1.0] and curve.label == "kkt (n=2)"
     output = plot_learning_curves({"kkt": runs, "greedy": runs[:1]}, tmp_path / "curves.png")
     assert output.is_file()
     with pytest.raises(FileNotFoundError, match=r"No evaluations\.npz"):
         load_evaluations(tmp_path)
+
+
+def test_learning_curves_keep_runs_of_different_lengths_apart(tmp_path: Path) -> None:
+    from sb3_hatrpo.zoo.run_plots import learning_curves, plot_learning_curves
+
+    long_a = _fake_run(tmp_path / "a", [10_000, 20_000], [1.0, 3.0])
+    long_b = _fake_run(tmp_path / "b", [10_000, 20_000], [2.0, 5.0])
+    short = _fake_run(tmp_path / "c", [4_096], [0.5])  # shorter than --eval-freq: its final evaluation only
+    curves = {c.label: c for c in learning_curves({"greedy": [long_a, short, long_b]})}
+    assert set(curves) == {"greedy (n=2, 20,000 steps)", "greedy: c"}
+    long, alone = curves["greedy (n=2, 20,000 steps)"], curves["greedy: c"]
+    assert list(long.steps) == [10_000, 20_000] and list(long.mean) == [1.5, 4.0]  # no point at 12,048
+    assert list(alone.steps) == [4_096] and list(alone.mean) == [0.5] and list(alone.std) == [0.0]
+    assert plot_learning_curves({"greedy": [long_a, short, long_b]}, tmp_path / "c.png").is_file()
+
+
+def test_plot_axes_have_no_offset_labels() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sb3_hatrpo.zoo.run_plots import readable_axes
+
+    figure, axis = plt.subplots()
+    axis.plot([0, 10_000, 20_000], [0.94950, 0.949505, 0.94951])
+    readable_axes(axis)
+    figure.canvas.draw()
+    assert axis.yaxis.get_offset_text().get_text() == ""
+    assert axis.xaxis.get_offset_text().get_text() == ""
+    assert "20k" in [label.get_text() for label in axis.get_xticklabels()]
+    plt.close(figure)

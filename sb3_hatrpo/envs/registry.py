@@ -27,6 +27,7 @@ from pettingzoo import AECEnv, ParallelEnv
 from pettingzoo.utils.conversions import aec_to_parallel
 
 from sb3_hatrpo.envs.games import DifferentialGame, climbing_game, penalty_game
+from sb3_hatrpo.envs.quiet import ADROIT_NOTICE, SETTOTALMASS_WARNING, without_mujoco_warnings, without_stderr_lines
 
 KNOWN_PREFIXES: tuple[str, ...] = ("mamujoco:", "mpe:", "games:", "package.module:callable")
 
@@ -158,13 +159,15 @@ def _make_mamujoco(env_id: str, name: str, kwargs: dict[str, Any]) -> Any:
             f"known (mamujoco:<Scenario>-<agent_conf>): {_mamujoco_known_ids()}"
         )
     try:
-        from gymnasium_robotics import mamujoco_v1
+        with without_stderr_lines(ADROIT_NOTICE):
+            from gymnasium_robotics import mamujoco_v1
     except ImportError as error:
         raise ImportError(
             f'make_env({env_id!r}) needs gymnasium-robotics and mujoco: pip install "sb3_hatrpo[mujoco]" ({error})'
         ) from error
     # render_mode and the MaMuJoCo options (agent_obsk, ...) are keyword arguments of the constructor.
-    return _call(env_id, partial(mamujoco_v1.parallel_env, scenario, agent_conf), kwargs)
+    with without_mujoco_warnings(SETTOTALMASS_WARNING):
+        return _call(env_id, partial(mamujoco_v1.parallel_env, scenario, agent_conf), kwargs)
 
 
 def _mpe_names() -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
+from sb3_hatrpo.env_spec import EnvSpec
 from sb3_hatrpo.vec_env.errors import NON_FINITE_HINT, NonFiniteError
 from sb3_hatrpo.vec_env.layout import (
     _BOX,
@@ -58,6 +59,8 @@ class MultiAgentVecEnv(VecEnv):
 
     observation_space: spaces.Dict
     action_space: spaces.Dict
+    # The env id, env_kwargs and wrapper the copies were made from (set by make_vec_env for an id)
+    env_spec: EnvSpec | None = None
 
     def __init__(self, descriptions: Sequence[_EnvDescription], reward_aggregation: str = "mean") -> None:
         if reward_aggregation not in REWARD_AGGREGATIONS:

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+from sb3_hatrpo.env_spec import EnvSpec
 from sb3_hatrpo.vec_env.base import MultiAgentVecEnv
 from sb3_hatrpo.vec_env.dummy import DummyMultiAgentVecEnv
 from sb3_hatrpo.vec_env.subproc import SubprocMultiAgentVecEnv
@@ -129,6 +130,9 @@ def make_vec_env(
         )
     else:
         vec_env = cls(factories, reward_aggregation=reward_aggregation)
+    if isinstance(env, str):
+        # Saved with a model, so that it can rebuild this env (HATRPO.make_env, HATRPO.load(path, env=id))
+        vec_env.env_spec = EnvSpec(env, env_kwargs, wrapper)
     if seed is not None:
         vec_env.seed(seed)
     return vec_env

@@ -556,7 +556,8 @@ class EnvWrapperChain:
         module_name, sep, attr = name.replace(":", ".").rpartition(".")
         if not sep or not module_name:
             raise ConfigError(f"env_wrapper {name!r}: expected an import path such as supersuit.clip_actions_v0")
-        check_import_allowed(name, self.allow_imports)
+        allowed = getattr(self, "allow_imports", ())  # chains pickled before the attribute existed
+        check_import_allowed(name, allowed)
         try:
             wrapper = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as error:
@@ -565,7 +566,7 @@ class EnvWrapperChain:
             raise ConfigError(f"env_wrapper {name!r} is not callable")
         # A name re-exported by an allowed module (``sb3_hatrpo.x.os``-style) must also be defined in one
         defined_in = getattr(wrapper, "__module__", None) or ""
-        check_import_allowed(f"{defined_in}.{attr}", self.allow_imports, what=f"env_wrapper {name!r} is defined as")
+        check_import_allowed(f"{defined_in}.{attr}", allowed, what=f"env_wrapper {name!r} is defined as")
         return wrapper
 
     def __call__(self, env: Any) -> Any:

@@ -11,6 +11,7 @@ Folder layout (rl-zoo's)::
         <env>/config.yml             the hyperparameters used (config form, reusable as an entry)
         <env>/args.yml               the command's arguments, resolved (seed, exp id, env id ...)
         <env>/command.txt            the command line
+        wandb/                       the W&B run (--track; offline by default: ``wandb sync <run>/wandb/offline-run-*``)
 
 where ``<env>`` is :func:`~sb3_hatrpo.zoo.utils.env_folder_name` of the env id (``:`` -> ``-``).
 """
@@ -18,7 +19,9 @@ where ``<env>`` is :func:`~sb3_hatrpo.zoo.utils.env_folder_name` of the env id (
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ from sb3_hatrpo.zoo.config import (
     get_hyperparams,
     prepare_hyperparams,
 )
+from sb3_hatrpo.zoo.console import ShortTableFormat
 from sb3_hatrpo.zoo.utils import ALGO, check_writable_folder, env_folder_name, new_run_folder
 
 __all__ = ["EVAL_SEED_OFFSET", "ExperimentManager", "TrainResult", "build_vec_env", "configure_logger"]
@@ -64,9 +68,12 @@ def build_vec_env(
 
 
 def configure_logger(folder: Path, verbose: int, tensorboard_folder: Path | None = None) -> Logger:
-    """SB3 logger writing ``progress.csv`` in ``folder`` (plus stdout if ``verbose``, TensorBoard if asked)."""
+    """SB3 logger writing ``progress.csv`` in ``folder``, TensorBoard if asked, and to stdout: the short table
+    (:class:`~sb3_hatrpo.zoo.console.ShortTableFormat`) with ``verbose=1``, SB3's full one with 2."""
     formats = [make_output_format("csv", str(folder))]
-    if verbose >= 1:
+    if verbose == 1:
+        formats.insert(0, ShortTableFormat())
+    elif verbose >= 2:
         formats.insert(0, make_output_format("stdout", str(folder)))
     if tensorboard_folder is not None:
         formats.append(make_output_format("tensorboard", str(tensorboard_folder)))
@@ -209,6 +216,7 @@ class ExperimentManager:
         self.eval_env: MultiAgentVecEnv | None = None
         self.eval_callback: MultiAgentEvalCallback | None = None
         self.wandb_run: Any = None
+        self._artifact_dir: Path | None = None
 
     # ------------------------------------------------------------------ config
     def read_hyperparams(self) -> dict[str, Any]:
@@ -348,10 +356,14 @@ class ExperimentManager:
             config=config,
             sync_tensorboard=False,
             reinit="finish_previous",
+            dir=str(self.run_dir),  # <run>/wandb/, next to the rest of the run
         )
+        # The model files uploaded as artifacts: W&B copies them into its own folder, so they live in a temporary
+        # folder (removed by close()) rather than as a second copy of the model in the run folder
+        self._artifact_dir = Path(tempfile.mkdtemp(prefix="sb3_hatrpo_artifacts_"))
         return WandbCallback(
             verbose=self.verbose,
-            model_save_path=str(self.run_dir / "artifacts"),
+            model_save_path=str(self._artifact_dir),
             model_save_freq=max(self.save_freq // self.n_envs, 1) if self.save_freq > 0 else 0,
             config=config,
         )
@@ -398,6 +410,9 @@ class ExperimentManager:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+        if self._artifact_dir is not None:
+            shutil.rmtree(self._artifact_dir, ignore_errors=True)
+            self._artifact_dir = None
 
     def run(self) -> TrainResult:
         """Set up, train, save, evaluate; returns what the summary needs."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -13,11 +14,13 @@ from typing import Any, NoReturn
 __all__ = [
     "ALGO",
     "CLIError",
+    "HelpFormatter",
     "check_writable_folder",
     "env_folder_name",
     "find_run",
     "get_latest_run_id",
     "new_run_folder",
+    "positive_timesteps",
     "run_cli",
     "set_num_threads",
 ]
@@ -110,6 +113,33 @@ def check_writable_folder(folder: str | Path, flag: str = "-f/--log-folder") -> 
         raise CLIError(
             f"{flag} {folder}: cannot write in {existing} ({error.strerror or error}); pass a writable folder"
         ) from None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except for help texts that already say what their default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "default" in help_text or action.default is None:
+            return help_text
+        return super()._get_help_string(action)
+
+
+def positive_timesteps(text: str) -> int:
+    """argparse ``type`` of ``-n/--n-timesteps``: a positive whole number (``1e6`` accepted).
+
+    :param text: The command-line value.
+    """
+    from sb3_hatrpo.budget import check_total_timesteps
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of timesteps, got {text!r}") from None
+    try:
+        return check_total_timesteps(value, "the budget")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of timesteps, got {text!r}") from None
 
 
 def set_num_threads(n: int) -> None:

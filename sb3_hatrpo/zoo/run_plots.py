@@ -1,7 +1,9 @@
-"""Plots of training runs (matplotlib, Agg backend: no display needed).
+"""Plots of training run folders (matplotlib, Agg backend: no display needed); ``python -m sb3_hatrpo.plot`` is
+their command line.
 
-* :func:`plot_learning_curves`: evaluation return over timesteps, mean +- std over seeds, one curve
-  per group of runs (by default, per allocator), from each run's ``evaluations.npz``.
+* :func:`plot_learning_curves`: evaluation return over timesteps, one curve per group of runs (by default, per
+  allocator) from each run's ``evaluations.npz``: mean +- std over the runs evaluated at the same timesteps, a
+  line of its own for a run evaluated elsewhere (another budget or ``--eval-freq``).
 * :func:`plot_kl_allocation`: per-agent KL thresholds and realised KL (and improvement, update
   position) over training, from a run's ``progress.csv`` (``train/<agent>/threshold`` ...).
 """
@@ -11,14 +13,17 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "Curve",
     "find_runs",
     "group_runs",
+    "learning_curves",
     "load_evaluations",
     "plot_kl_allocation",
     "plot_learning_curves",
@@ -129,21 +134,67 @@ def group_runs(runs: Iterable[str | Path], by: str = "allocator") -> dict[str, l
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _mean_std(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std of curves on the timesteps where all of them are defined (linear interpolation)."""
-    if len(curves) == 1:
-        steps, values = curves[0]
-        return steps, values, np.zeros_like(values)
-    start = max(c[0][0] for c in curves)
-    end = min(c[0][-1] for c in curves)
-    grid = np.unique(np.concatenate([c[0] for c in curves]))
-    grid = grid[(grid >= start) & (grid <= end)]
-    if grid.size == 0:  # runs that do not overlap: compare by evaluation index instead
-        n = min(len(c[0]) for c in curves)
-        stacked = np.stack([c[1][:n] for c in curves])
-        return np.mean(np.stack([c[0][:n] for c in curves]), axis=0), stacked.mean(axis=0), stacked.std(axis=0)
-    stacked = np.stack([np.interp(grid, steps, values) for steps, values in curves])
-    return grid, stacked.mean(axis=0), stacked.std(axis=0)
+@dataclass
+class Curve:
+    """One line of a learning-curve plot: the mean and std over runs evaluated at the same timesteps.
+
+    :param label: The legend entry.
+    :param group: The group (e.g. allocator) it belongs to: curves of a group share a colour.
+    :param steps: The timesteps of the evaluations.
+    :param mean: Mean evaluation return over the runs, per timestep.
+    :param std: Their standard deviation (0 for one run).
+    :param runs: The run folders.
+    """
+
+    label: str
+    group: str
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    runs: list[Path]
+
+
+def learning_curves(groups: Mapping[str, Sequence[str | Path]]) -> list[Curve]:
+    """The curves of groups of runs: within a group, one curve per set of runs evaluated at the same timesteps.
+
+    Runs are never interpolated onto each other: two runs evaluated at different timesteps (another budget or
+    ``--eval-freq``) are two lines, each at its own timesteps, not a mean of unrelated points.
+
+    :param groups: ``{label: [run folders]}``
+    :raises FileNotFoundError: if a run has no ``evaluations.npz``
+    """
+    curves = []
+    for label, runs in groups.items():
+        by_grid: dict[tuple[float, ...], list[tuple[Path, np.ndarray]]] = {}
+        for run in map(Path, runs):
+            steps, values = load_evaluations(run)
+            if len(steps):
+                by_grid.setdefault(tuple(steps), []).append((run, values))
+        for grid, members in by_grid.items():
+            values = np.stack([v for _, v in members])
+            if len(by_grid) == 1:
+                name = f"{label} (n={len(members)})"
+            elif len(members) == 1:
+                name = f"{label}: {members[0][0].name}"
+            else:
+                name = f"{label} (n={len(members)}, {int(grid[-1]):,} steps)"
+            curves.append(
+                Curve(name, label, np.array(grid), values.mean(axis=0), values.std(axis=0), [r for r, _ in members])
+            )
+    return curves
+
+
+def readable_axes(axis: Any) -> None:
+    """Timesteps as 20k / 1.5M and plain numbers on the y-axis (no ``1e-5+9.495e-1`` offset label).
+
+    :param axis: A matplotlib ``Axes``.
+    """
+    from matplotlib.ticker import EngFormatter, ScalarFormatter
+
+    axis.xaxis.set_major_formatter(EngFormatter(sep=""))
+    y_formatter = ScalarFormatter(useOffset=False)
+    y_formatter.set_scientific(False)
+    axis.yaxis.set_major_formatter(y_formatter)
 
 
 def plot_learning_curves(
@@ -151,7 +202,7 @@ def plot_learning_curves(
     output: str | Path,
     title: str | None = None,
 ) -> Path:
-    """Evaluation return over timesteps, mean +- std over the runs (seeds) of each group.
+    """Evaluation return over timesteps, mean +- std over the runs (seeds) of each group (see :func:`learning_curves`).
 
     :param groups: ``{label: [run folders]}``, or a list of run folders (grouped by allocator)
     :param output: the PNG to write
@@ -166,14 +217,20 @@ def plot_learning_curves(
         raise ValueError("No runs to plot")
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for label, runs in groups.items():
-        curves = [load_evaluations(run) for run in runs]
-        curves = [c for c in curves if len(c[0])]
-        if not curves:
-            continue
-        steps, mean, std = _mean_std(curves)
-        (line,) = axis.plot(steps, mean, marker="o" if len(steps) < 20 else None, label=f"{label} (n={len(curves)})")
-        axis.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    group_color = {label: colors[i % len(colors)] for i, label in enumerate(groups)}
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    for curve in learning_curves(groups):
+        index = seen[curve.group] = seen.get(curve.group, -1) + 1
+        color = group_color[curve.group]
+        # A marker on short curves: a run evaluated once (shorter than --eval-freq) is one visible point
+        marker = "o" if len(curve.steps) < 20 else None
+        axis.plot(curve.steps, curve.mean, color=color, linestyle=styles[index % len(styles)], marker=marker,
+                  label=curve.label)  # fmt: skip
+        if len(curve.runs) > 1:
+            axis.fill_between(curve.steps, curve.mean - curve.std, curve.mean + curve.std, color=color, alpha=0.2)
+    readable_axes(axis)
     axis.set_xlabel("timesteps")
     axis.set_ylabel("evaluation return (deterministic)")
     axis.set_title(title or "Learning curves (mean ± std over seeds)")
@@ -227,6 +284,7 @@ def plot_kl_allocation(run: str | Path, output: str | Path | None = None, title:
     ax_pos.set_yticks(range(len(agents)))
     for axis in (ax_kl, ax_imp, ax_pos):
         axis.grid(alpha=0.3)
+        readable_axes(axis)
     default = (run if run.is_dir() else run.parent) / "kl_allocation.png"
     return _save(figure, output or default, plt)
 
