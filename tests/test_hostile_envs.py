@@ -11,7 +11,7 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
 from sb3_hatrpo import HATRPO, make_vec_env
-from sb3_hatrpo.vec_env import EnvOutputError, EnvTimeoutError, NonFiniteError
+from sb3_hatrpo.vec_env import EnvOutputError, EnvTimeoutError, NonFiniteError, SubprocMultiAgentVecEnv
 
 BOX3 = spaces.Box(-1.0, 1.0, (3,), np.float32)
 TINY = dict(n_steps=16, batch_size=16, n_critic_updates=1, cg_max_steps=2, policy_kwargs=dict(net_arch=[8]))
@@ -106,15 +106,22 @@ class HostileFactory:
         return env
 
 
+class ForkSubproc(SubprocMultiAgentVecEnv):
+    """Subprocess workers started by fork: they need not import torch again (seconds per worker on a busy
+    machine). The default start method is tested by test_subprocess_workers_raise_the_same_error_naming_the_copy."""
+
+    def __init__(self, env_fns, reward_aggregation="mean", start_method=None, **kwargs):
+        super().__init__(env_fns, reward_aggregation, start_method="fork", **kwargs)
+
+
 def hostile_vec_env(n_envs=1, vec_env_cls="dummy", **kwargs):
     factory = HostileFactory(**kwargs)
     if vec_env_cls == "dummy":
         return make_vec_env(factory, n_envs=n_envs)
     # Subprocess copies each unpickle their own factory: give each its own copy index
-    from sb3_hatrpo.vec_env import SubprocMultiAgentVecEnv
-
+    cls = ForkSubproc if vec_env_cls == "fork" else SubprocMultiAgentVecEnv
     fns = [_IndexedFactory(i, kwargs) for i in range(n_envs)]
-    return SubprocMultiAgentVecEnv(fns, step_timeout=kwargs.pop("step_timeout", None))
+    return cls(fns, step_timeout=kwargs.pop("step_timeout", None))
 
 
 class _IndexedFactory:
@@ -263,7 +270,7 @@ def test_subprocess_workers_raise_the_same_error_naming_the_copy():
 
 
 def test_step_timeout_names_the_hung_worker_and_nothing_hangs():
-    env = hostile_vec_env(n_envs=2, vec_env_cls="subproc", fault="hang", at=2, faulty=(1,), step_timeout=1.0)
+    env = hostile_vec_env(n_envs=2, vec_env_cls="fork", fault="hang", at=2, faulty=(1,), step_timeout=1.0)
     start = time.monotonic()
     try:
         with pytest.raises(EnvTimeoutError, match=r"Env worker 1 \(pid \d+\) did not answer .* step_timeout=1.0 s"):
@@ -314,7 +321,7 @@ def test_failed_learns_leave_no_worker_processes_behind():
     before = {p.pid for p in mp.active_children()}
     for _ in range(3):
         model = HATRPO(
-            "MlpPolicy", HostileFactory(fault="obs", at=2, value=None), n_envs=2, vec_env_cls="subproc", **TINY
+            "MlpPolicy", HostileFactory(fault="obs", at=2, value=None), n_envs=2, vec_env_cls=ForkSubproc, **TINY
         )
         with pytest.raises(EnvOutputError, match="Agent 'a1' in env copy 0 returned None"):
             model.learn(64)
