@@ -159,7 +159,7 @@ class _CopyRunner:
         )
 
     def _write(self, obs: Mapping[str, Any]) -> None:
-        if not isinstance(obs, Mapping):
+        if type(obs) is not dict and not isinstance(obs, Mapping):  # the exact type first: ABC checks are slow
             raise EnvOutputError(
                 f"Env copy {self.index} returned observations of type {type(obs).__name__}; a ParallelEnv returns a "
                 "dict {agent: observation}."
