@@ -93,6 +93,15 @@ class Hostile(ParallelEnv):
         return obs, rewards, terminations, truncations, infos
 
 
+class HostileWithState(Hostile):
+    """Declares a 6-value global state; at step ``at`` its ``state()`` returns one value (NumPy would broadcast it)."""
+
+    state_space = spaces.Box(-1.0, 1.0, (6,), np.float32)
+
+    def state(self):
+        return np.zeros(1 if self.fault == "short_state" and self.t == self.at else 6, np.float32)
+
+
 class HostileFactory:
     """A picklable factory: copy ``i`` of ``n`` gets ``copy=i`` (so only the ``faulty`` copies misbehave)."""
 
@@ -248,6 +257,13 @@ def test_the_last_observation_of_an_episode_is_checked_too(space, value, problem
 def test_valid_observations_of_another_type_still_pass(space, value):
     env = hostile_vec_env(fault="obs", at=2, space=space, value=value)
     run_steps(env)
+
+
+@pytest.mark.parametrize("at", [2, 4], ids=["mid_episode", "last_step"])
+def test_a_global_state_of_the_wrong_size_is_named(at):
+    env = make_vec_env(lambda: HostileWithState(fault="short_state", at=at), n_envs=1)
+    with pytest.raises(EnvOutputError, match=r"Env copy 0 .*global state|Env copy 0 .*env.state\(\) returned 1 values"):
+        run_steps(env)
 
 
 def test_a_nan_observation_is_non_finite_and_an_inf_reward_too():

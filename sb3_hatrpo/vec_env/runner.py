@@ -104,7 +104,13 @@ class _CopyRunner:
             self._write(obs)
             return reward, False, info, None
         info["terminal_observation"] = self._observation_copy(obs)
-        info["terminal_state"] = self.reader(obs)
+        info["terminal_state"] = terminal_state = self.reader(obs)
+        if terminal_state.size != self.state_view.size:
+            raise EnvOutputError(
+                f"Env copy {self.index} (step {self.episode_length}, the last of its episode): the global state has "
+                f"{terminal_state.size} values but the state space has {self.state_view.size}; env.state() must "
+                "always return the same number of values."
+            )
         if not terminated:
             info["TimeLimit.truncated"] = True
         info["episode"] = {
@@ -187,7 +193,10 @@ class _CopyRunner:
             raise
         except ValueError as error:
             self._raise_bad_observation(obs, error)
-        self.reader.write(obs, self.state_view)
+        try:
+            self.reader.write(obs, self.state_view)
+        except ValueError as error:
+            raise EnvOutputError(f"Env copy {self.index} (step {self.episode_length} since reset): {error}") from None
 
     def _write_partial(self, obs: Mapping[str, Any], env_agents: Sequence[str]) -> dict[str, Any]:
         """Write the observations of the agents alive (zeros for the others); return those observations.
