@@ -223,11 +223,14 @@ class _Objective:
     env_kwargs: dict[str, Any]
     n_timesteps: int
     worker: str
+    # A broken env (not a bad sample): the study stops and the command reports it as its error
+    fatal: BaseException | None = None
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
         from sb3_hatrpo.hatrpo import HATRPO
+        from sb3_hatrpo.vec_env import EnvOutputError
         from sb3_hatrpo.zoo.config import merge_overrides, prepare_hyperparams
         from sb3_hatrpo.zoo.exp_manager import EVAL_SEED_OFFSET, build_vec_env
         from sb3_hatrpo.zoo.hyperparams_opt import sample_hatrpo_params
@@ -255,6 +258,13 @@ class _Objective:
                     raise optuna.TrialPruned(f"pruned after evaluation {callback.eval_idx}")
                 if not callback.evaluations_n_updates or callback.evaluations_n_updates[-1] != model._n_updates:
                     callback.evaluate()  # the final model, not the one before its last update
+            except EnvOutputError as error:
+                # A broken env, not a bad sample: every trial would fail the same way. Stop the study (this trial
+                # counts as pruned, so the study stays resumable) and report the error once.
+                self.fatal = error
+                trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
+                trial.study.stop()
+                raise optuna.TrialPruned(f"the env is broken: {error}") from None
             except (AssertionError, ValueError, FloatingPointError) as error:
                 # Diverged (NaN advantages, observations or distribution parameters): prune, keep the study going.
                 trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
@@ -481,6 +491,8 @@ def _tune(args: argparse.Namespace) -> TuneResult:
             study.optimize(objective, n_trials=n_trials, n_jobs=args.n_jobs, callbacks=callbacks, gc_after_trial=True)
         except KeyboardInterrupt:
             print("Interrupted: reporting the trials so far", file=sys.stderr)
+        if objective.fatal is not None:
+            raise objective.fatal
 
     report_dir = log_path / f"tune_{study_name}"
     yaml_path, best = _write_report(study, args.env, report_dir, plots=not args.no_optim_plots)

@@ -356,3 +356,21 @@ def test_a_vec_env_the_caller_passed_stays_open_after_a_failed_learn():
         model.learn(64)
     assert not env.closed
     env.close()
+
+
+def renamed_agents_env():
+    """An env id for the command lines: ``tests.test_hostile_envs:renamed_agents_env``."""
+    return Hostile(fault="rename", at=2)
+
+
+def test_tune_stops_on_a_broken_env_instead_of_pruning_every_trial(tmp_path, capsys):
+    from sb3_hatrpo.tune import run as main
+
+    argv = ["--env", "tests.test_hostile_envs:renamed_agents_env", "-n", "32", "--n-trials", "3", "-f", str(tmp_path),
+            "--n-evaluations", "1", "--eval-episodes", "1", "--no-optim-plots", "--verbose", "0", "--seed", "0",
+            "-params", "n_steps:16", "batch_size:16"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "['a0_x'] in env.agents" in err
