@@ -464,8 +464,9 @@ class HATRPO(OnPolicyAlgorithm):
     ) -> SelfHATRPO:
         """Train for ``total_timesteps`` env steps (summed over the env copies), on ``num_threads`` threads.
 
-        If training fails, the env this model created itself (from an id, a factory or a ParallelEnv) is closed
-        (its worker processes end) and the log files SB3 opened are closed; the exception is re-raised.
+        If training fails with an exception, the env this model created itself (from an id, a factory or a
+        ParallelEnv) is closed (its worker processes end) and the log files SB3 opened are closed; the exception
+        is re-raised. ``KeyboardInterrupt`` closes nothing: training can continue or the model be saved.
 
         :param total_timesteps: the budget, a positive whole number; default: the zoo config's ``n_timesteps``
             when the model was made from a known env id, else 1,000,000 (``sb3_hatrpo.budget``)
