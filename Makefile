@@ -12,6 +12,8 @@ ALLOCATOR ?= greedy
 STEPS ?= 60000
 SEED ?= 0
 N_ENVS ?= 2
+# a short logger table every LOG_INTERVAL iterations (the per-agent figures are in the final summary)
+LOG_INTERVAL ?= 5
 LOG_FOLDER ?= logs
 TRAIN_ARGS ?=
 # make test PYTEST_ARGS="-k kkt"
@@ -28,7 +30,8 @@ $(STAMP): setup.py constraints.txt
 
 train: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m sb3_hatrpo.train --env $(ENV) --allocator $(ALLOCATOR) \
-		-n $(STEPS) --seed $(SEED) --n-envs $(N_ENVS) -f $(LOG_FOLDER) --track $(TRAIN_ARGS)
+		-n $(STEPS) --seed $(SEED) --n-envs $(N_ENVS) -f $(LOG_FOLDER) --log-interval $(LOG_INTERVAL) --track \
+		$(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -60,7 +60,7 @@ def train_steps_per_second(algo: str, timesteps: int, settings: dict, vec_env_cl
     )
     if algo == "hatrpo":
         env = make_vec_env("mamujoco:HalfCheetah-2x3", n_envs=n_envs, seed=0, vec_env_cls=vec_env_cls)
-        model = HATRPO("MlpPolicy", env, **common)
+        model = HATRPO("MlpPolicy", env, num_threads=None, **common)  # --threads, as TRPO
     else:
         from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
@@ -98,6 +98,7 @@ def profile_hatrpo(timesteps: int, settings: dict, vec_env_cls: str) -> None:
     model = HATRPO(
         "MlpPolicy",
         env,
+        num_threads=None,  # --threads
         n_steps=settings["n_steps"],
         batch_size=settings["batch_size"],
         cg_max_steps=settings["cg_max_steps"],

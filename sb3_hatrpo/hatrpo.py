@@ -11,6 +11,7 @@ import io
 import json
 import pathlib
 import pickle
+import warnings
 import zipfile
 import zlib
 from typing import Any, ClassVar, TypeVar
@@ -478,8 +479,8 @@ class HATRPO(OnPolicyAlgorithm):
         """
         if total_timesteps is None:
             total_timesteps, source = default_total_timesteps(self.env_spec.env_id if self.env_spec else None)
-            if self.verbose >= 1:
-                print(f"learn(): no total_timesteps given: {total_timesteps:,} ({source})")
+            # Also with verbose=0: a budget nobody chose may be hours of training
+            warnings.warn(f"learn() without total_timesteps trains {total_timesteps:,} steps ({source})", stacklevel=2)
         total_timesteps = check_total_timesteps(total_timesteps)
         check_learn_arguments(total_timesteps, log_interval, reset_num_timesteps, progress_bar, tb_log_name)
         if self.env is not None and getattr(self.env, "closed", False):

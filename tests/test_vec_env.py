@@ -464,7 +464,7 @@ def test_global_state_sources():
         spaces.Dict({"x": spaces.Discrete(2)}),
         spaces.MultiBinary(3),
         spaces.Box(-np.inf, np.inf, (2,)),
-        spaces.Box(np.array([-1.0, -np.inf]), np.array([1.0, 1.0])),
+        spaces.Box(np.array([-1.0, -np.inf], dtype=np.float32), np.array([1.0, 1.0], dtype=np.float32)),
     ],
 )
 def test_policy_and_vec_env_reject_the_same_action_spaces_with_the_same_message(space):

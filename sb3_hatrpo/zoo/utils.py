@@ -120,7 +120,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
-        if "default" in help_text or action.default is None:
+        if "default:" in help_text or action.default is None:  # "...; default: the config's"
             return help_text
         return super()._get_help_string(action)
 
