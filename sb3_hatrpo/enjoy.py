@@ -61,6 +61,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env-kwargs", nargs="+", default=[], metavar="KEY:VALUE", help="override make_env arguments")
     parser.add_argument("--seed", type=int, default=0, help="seed of the env")
     parser.add_argument("--device", default="auto", help="torch device")
+    parser.add_argument("--verbose", type=int, default=1, help="2: tracebacks of errors")
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let the run's config.yml name env_wrapper callables of MODULE (trusted code only; see docs/zoo.md)",
+    )
     parser.add_argument(
         "--num-threads",
         type=int,
@@ -161,16 +169,18 @@ def run(argv: Sequence[str] | None = None) -> EnjoyResult:
         require(["yaml", *(["imageio"] if args.record_video is not None else [])], "python -m sb3_hatrpo.enjoy")
         return _enjoy(args)
 
-    return run_cli("sb3_hatrpo.enjoy", body)
+    return run_cli("sb3_hatrpo.enjoy", body, traceback=args.verbose >= 2)
 
 
 def _enjoy(args: argparse.Namespace) -> EnjoyResult:
     from sb3_hatrpo.hatrpo import HATRPO
+    from sb3_hatrpo.validation import check_device
     from sb3_hatrpo.vec_env import make_vec_env
     from sb3_hatrpo.zoo.config import get_hyperparams, load_yaml, parse_params, prepare_hyperparams
 
     if args.n_episodes < 1:
         raise CLIError(f"-n/--n-episodes must be at least 1, got {args.n_episodes}")
+    check_device(args.device, owner="--device")
     if not args.no_render and args.record_video is None and not display_available():
         print(
             "No display (DISPLAY is not set): not rendering. Use --record-video to write a video instead, "
@@ -190,7 +200,9 @@ def _enjoy(args: argparse.Namespace) -> EnjoyResult:
     else:
         warnings.warn(f"{config_path} is missing: using the zoo config's env settings", stacklevel=2)
         hyperparams, _ = get_hyperparams(args.env)
-    prepared = prepare_hyperparams(hyperparams)
+    if not isinstance(hyperparams, dict):
+        raise CLIError(f"{config_path}: expected a mapping of hyperparameters, got {type(hyperparams).__name__}")
+    prepared = prepare_hyperparams(hyperparams, args.allow_import)
     env_kwargs = {**prepared.env_kwargs, **parse_params(args.env_kwargs, "--env-kwargs")}
 
     render_mode: str | None = None

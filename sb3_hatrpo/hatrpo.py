@@ -8,11 +8,12 @@ Region Policy Optimisation: A Joint Constraint Approach", arXiv 2508.10340 (AAMA
 from __future__ import annotations
 
 import io
-import os
+import json
 import pathlib
-import tempfile
+import pickle
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -22,20 +23,23 @@ from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.running_mean_std import RunningMeanStd
-from stable_baselines3.common.save_util import load_from_zip_file
+from stable_baselines3.common.save_util import load_from_zip_file, recursive_setattr
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.utils import explained_variance, get_system_info
 from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_hatrpo.allocators import BaseAllocator, make_allocator
+from sb3_hatrpo.atomic import atomic_write
 from sb3_hatrpo.budget import check_total_timesteps, default_total_timesteps
 from sb3_hatrpo.buffers import MultiAgentRolloutBuffer, RolloutData
 from sb3_hatrpo.env_spec import EnvSpec, mismatch_hint
 from sb3_hatrpo.normalization import RewardScaler
 from sb3_hatrpo.policies import HATRPOPolicy, MlpPolicy
+from sb3_hatrpo.stall import StallDetector
 from sb3_hatrpo.threads import DEFAULT_NUM_THREADS, check_num_threads, torch_threads
-from sb3_hatrpo.trust_region import TrustRegionPlanner, check_krylov_rtol
+from sb3_hatrpo.trust_region import TrustRegionPlanner
+from sb3_hatrpo.validation import check_finite_observations, check_hyperparameters, check_learn_arguments
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
 
 SelfHATRPO = TypeVar("SelfHATRPO", bound="HATRPO")
@@ -165,20 +169,48 @@ class HATRPO(OnPolicyAlgorithm):
     ) -> None:
         # Checked before anything is built, so a typo costs nothing.
         check_num_threads(num_threads)
-        if not (isinstance(target_kl, int | float) and np.isfinite(target_kl) and target_kl > 0):
-            raise ValueError(f"target_kl must be a positive number, got {target_kl!r}")
-        if total_kl is not None and not (np.isfinite(total_kl) and total_kl > 0):
-            raise ValueError(f"total_kl must be a positive number or None, got {total_kl!r}")
-        check_krylov_rtol(krylov_rtol)
+        check_hyperparameters(
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            gamma=gamma,
+            cg_max_steps=cg_max_steps,
+            cg_damping=cg_damping,
+            krylov_rtol=krylov_rtol,
+            line_search_shrinking_factor=line_search_shrinking_factor,
+            line_search_max_iter=line_search_max_iter,
+            n_critic_updates=n_critic_updates,
+            gae_lambda=gae_lambda,
+            normalize_advantage=normalize_advantage,
+            target_kl=target_kl,
+            total_kl=total_kl,
+            normalize_value=normalize_value,
+            line_search_accept_ratio=line_search_accept_ratio,
+            huber_delta=huber_delta,
+            clip_range_vf=clip_range_vf,
+            max_grad_norm=max_grad_norm,
+            bootstrap_truncation=bootstrap_truncation,
+            normalize_observation=normalize_observation,
+            clip_observation=clip_observation,
+            normalize_reward=normalize_reward,
+            n_envs=n_envs,
+            stats_window_size=stats_window_size,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+        )
         if value_loss not in VALUE_LOSSES:
-            raise ValueError(f"value_loss must be one of {sorted(VALUE_LOSSES)}, got {value_loss!r}")
+            raise ValueError(f"HATRPO: value_loss must be one of {sorted(VALUE_LOSSES)}, got {value_loss!r}")
         self.allocator = make_allocator(allocator, allocator_kwargs)
         if isinstance(policy, str):
             if policy not in self.policy_aliases:
                 raise ValueError(f"Unknown policy {policy!r}; valid: {sorted(self.policy_aliases)} or a class")
             policy = self.policy_aliases[policy]
+        owned_env: MultiAgentVecEnv | None = None
         if env is not None and not isinstance(env, MultiAgentVecEnv):
-            env = self._to_vec_env(env, n_envs=n_envs, seed=seed, vec_env_cls=vec_env_cls, env_kwargs=env_kwargs)
+            env = owned_env = self._to_vec_env(
+                env, n_envs=n_envs, seed=seed, vec_env_cls=vec_env_cls, env_kwargs=env_kwargs
+            )
 
         super().__init__(
             policy,  # type: ignore[arg-type]  # HATRPOPolicy is not an ActorCriticPolicy
@@ -227,12 +259,18 @@ class HATRPO(OnPolicyAlgorithm):
         self._order_rng = np.random.default_rng(seed)
         self._last_states: np.ndarray | None = None
         self._last_alive: np.ndarray | None = None
+        self._stall = StallDetector()
+        # The vectorised env this model built itself (from an id, a factory or a ParallelEnv): a failed learn()
+        # closes it, so its worker processes do not outlive the failure. A MultiAgentVecEnv passed in is the caller's.
+        self._owned_env = owned_env
         self.num_threads = num_threads
         # How the env was made, saved with the model (see make_env)
         self.env_spec: EnvSpec | None = EnvSpec.of(self.env)
         if self.env is not None:
             self.state_space = self.env.state_space
             if self.n_steps * self.n_envs < 2:
+                if owned_env is not None:
+                    owned_env.close()
                 raise ValueError(
                     f"n_steps * n_envs = {self.n_steps} * {self.n_envs} < 2: advantages cannot be normalised "
                     "and the critic has nothing to fit; use a larger n_steps"
@@ -434,9 +472,11 @@ class HATRPO(OnPolicyAlgorithm):
         """
         advantages = data.advantages
         if not th.isfinite(advantages).all():
+            fixes = "a lower learning_rate or scaled rewards" + (
+                "" if self.normalize_value else ", or normalize_value=True"
+            )
             raise FloatingPointError(
-                "Non-finite advantages: the critic diverged or the env returned extreme rewards. "
-                "Try normalize_value=True, a lower learning_rate, or scale the rewards."
+                f"Non-finite advantages: the critic diverged or the env returned extreme rewards. Try {fixes}."
             )
         settings: dict[str, Any] = dict(
             total_kl=self.joint_kl_budget,
@@ -459,9 +499,15 @@ class HATRPO(OnPolicyAlgorithm):
         data = self.rollout_buffer.get()
         planner = self.make_planner(data)  # checks the advantages before any update
         value_losses = self._train_critic(data.states, data.returns)
+        planner.allocator_name = type(self.allocator).__name__  # named when it breaks the budget contract
         results = self.allocator.update_agents(planner, self._order_rng)
         # After the update, so that the policy that sampled this rollout is exactly the trust region's old policy.
         self.policy.update_normalizers(data.observations, data.alive, data.states)
+        self._stall.update(
+            results,
+            f"joint KL budget {planner.total_kl:g}, line_search_max_iter={self.line_search_max_iter}, "
+            f"allocator {type(self.allocator).__name__}",
+        )
         self.last_allocation = [result.as_record(position) for position, result in enumerate(results)]
         self._n_updates += 1
 
@@ -496,6 +542,10 @@ class HATRPO(OnPolicyAlgorithm):
     ) -> SelfHATRPO:
         """Train for ``total_timesteps`` env steps (summed over the env copies), on ``num_threads`` threads.
 
+        If training fails with an exception, the env this model created itself (from an id, a factory or a
+        ParallelEnv) is closed (its worker processes end) and the log files SB3 opened are closed; the exception
+        is re-raised. ``KeyboardInterrupt`` closes nothing: training can continue or the model be saved.
+
         :param total_timesteps: the budget, a positive whole number; default: the zoo config's ``n_timesteps``
             when the model was made from a known env id, else 1,000,000 (``sb3_hatrpo.budget``)
         :param callback: SB3 callback(s) called at every step
@@ -509,30 +559,50 @@ class HATRPO(OnPolicyAlgorithm):
             # Also with verbose=0: a budget nobody chose may be hours of training
             warnings.warn(f"learn() without total_timesteps trains {total_timesteps:,} steps ({source})", stacklevel=2)
         total_timesteps = check_total_timesteps(total_timesteps)
+        check_learn_arguments(total_timesteps, log_interval, reset_num_timesteps, progress_bar, tb_log_name)
+        if self.env is not None and getattr(self.env, "closed", False):
+            raise ValueError(
+                "This model's env is closed (a failed learn() closes the env the model created): give it a new one "
+                "with model.set_env(sb3_hatrpo.make_vec_env(...))"
+            )
         if progress_bar:
             from sb3_hatrpo.extras import require
 
             require(["tqdm", "rich"], "progress_bar=True")
         with torch_threads(self._threads()):
-            return super().learn(
-                total_timesteps=total_timesteps,
-                callback=callback,
-                log_interval=log_interval,
-                tb_log_name=tb_log_name,
-                reset_num_timesteps=reset_num_timesteps,
-                progress_bar=progress_bar,
-            )
+            try:
+                return super().learn(
+                    total_timesteps=total_timesteps,
+                    callback=callback,
+                    log_interval=log_interval,
+                    tb_log_name=tb_log_name,
+                    reset_num_timesteps=reset_num_timesteps,
+                    progress_bar=progress_bar,
+                )
+            except Exception:
+                self._close_after_failure()
+                raise
 
-    def predict(
+    def _close_after_failure(self) -> None:
+        """Close what ``learn()`` and the constructor opened: the model's own env and SB3's log files."""
+        if self._owned_env is not None and self.env is self._owned_env:
+            self._owned_env.close()
+        logger = getattr(self, "_logger", None)  # None if the first reset failed
+        if logger is not None and not self._custom_logger:
+            logger.close()
+
+    def predict(  # type: ignore[override]
         self,
-        observation: Any,
+        observation: dict[str, np.ndarray],
         state: tuple[np.ndarray, ...] | None = None,
         episode_start: np.ndarray | None = None,
         deterministic: bool = False,
-    ) -> tuple[Any, tuple[np.ndarray, ...] | None]:
-        """SB3's ``predict`` (``{agent: obs}`` -> ``{agent: action}``), on ``num_threads`` threads."""
+    ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, ...] | None]:
+        """Actions for the agents in ``observation`` (``{agent: obs}``, one env or batched), on ``num_threads``
+        threads; see the policy's. ``ValueError`` naming the agent for a NaN or infinite observation."""
+        check_finite_observations(observation)
         with torch_threads(self._threads()):
-            return super().predict(observation, state, episode_start, deterministic)
+            return self.policy.predict(observation, state, episode_start, deterministic)
 
     def _threads(self) -> int | None:
         # getattr: models saved before num_threads existed
@@ -565,7 +635,7 @@ class HATRPO(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------ save / load
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_states", "_last_alive"]
+        return [*super()._excluded_save_params(), "_last_states", "_last_alive", "_stall", "_owned_env"]
 
     def save(
         self,
@@ -573,25 +643,17 @@ class HATRPO(OnPolicyAlgorithm):
         exclude: Any = None,
         include: Any = None,
     ) -> None:
-        """Save to SB3's zip format, atomically: written to a temporary file, then renamed into place."""
+        """Save to SB3's zip format, atomically: written to a temporary file, then renamed into place.
+
+        Temporary files left in the folder by a save that was killed are removed.
+        """
         if isinstance(path, io.BufferedIOBase):
             super().save(path, exclude=exclude, include=include)
             return
         target = pathlib.Path(path)
         if target.suffix == "":
             target = target.with_suffix(".zip")  # SB3's convention
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.zip", dir=target.parent)
-        os.close(fd)
-        try:
-            super().save(tmp_name, exclude=exclude, include=include)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; a saved model is an ordinary file
-            os.replace(tmp_name, target)
-        except BaseException:
-            pathlib.Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write(target, lambda tmp_name: super(HATRPO, self).save(tmp_name, exclude=exclude, include=include))
 
     @classmethod
     def load(
@@ -606,6 +668,10 @@ class HATRPO(OnPolicyAlgorithm):
     ) -> SelfHATRPO:
         """Load a saved model; with ``env``, check every agent's spaces against it first.
 
+        **Only load files you trust.** As with every SB3 model, the zip holds pickled Python objects
+        (spaces, schedules, the policy class) and loading it runs them: a planted file runs its code.
+        The file is read once.
+
         :param path: the ``.zip`` written by :meth:`save`
         :param env: the env to continue training or evaluating on (anything ``HATRPO`` accepts);
             ``ValueError`` naming the agent if its spaces differ from the saved ones
@@ -616,6 +682,8 @@ class HATRPO(OnPolicyAlgorithm):
         :param kwargs: attributes to change after loading (e.g. ``n_envs`` when ``env`` is an id,
             ``num_threads``); ``env_kwargs`` are keyword arguments of ``make_env`` when ``env`` is an id: with the
             id the model was made from, they update the saved ones (which apply by default)
+        :raises FileNotFoundError: no file at ``path`` (nor ``path.zip``)
+        :raises ValueError: naming the file, when it is not a complete HATRPO model (truncated, corrupted, foreign)
         """
         if isinstance(path, str | pathlib.Path):
             candidates = [pathlib.Path(path), pathlib.Path(f"{path}.zip")]
@@ -624,13 +692,22 @@ class HATRPO(OnPolicyAlgorithm):
                 raise FileNotFoundError(f"No saved HATRPO model at {path} (nor {path}.zip)")
             if not zipfile.is_zipfile(existing):
                 raise ValueError(f"{existing} is not a model saved by HATRPO.save(): it is not a zip file (corrupted?)")
+            if not _ends_with_zip_directory(existing):
+                raise ValueError(
+                    f"{existing} is truncated: the file ends before the zip directory of a model saved by "
+                    "HATRPO.save() (an interrupted copy or download?); use a complete copy or another checkpoint"
+                )
             path = existing
-        try:
-            data, _, _ = load_from_zip_file(path, device="cpu", custom_objects=custom_objects, load_data=True)
-        except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError) as error:
-            raise ValueError(f"Could not read a HATRPO model from {path}: {error} (corrupted file?)") from error
-        if not data or "observation_space" not in data or "state_space" not in data:
-            raise ValueError(f"{path} does not hold a HATRPO model (no per-agent spaces found)")
+        if print_system_info:
+            print("== CURRENT SYSTEM INFO ==")
+            get_system_info()
+        data, params, pytorch_variables = read_model_file(path, device, custom_objects, print_system_info)
+        data.get("policy_kwargs", {}).pop("device", None)  # ours, not the saving machine's
+        if "policy_kwargs" in kwargs and kwargs["policy_kwargs"] != data.get("policy_kwargs"):
+            raise ValueError(
+                f"policy_kwargs {kwargs['policy_kwargs']} differ from the saved ones {data.get('policy_kwargs')}"
+            )
+        owned = env is not None and not isinstance(env, MultiAgentVecEnv)
         if env is not None:
             n_envs = kwargs.pop("n_envs", 1)
             env_kwargs = kwargs.pop("env_kwargs", None)
@@ -644,22 +721,94 @@ class HATRPO(OnPolicyAlgorithm):
             try:
                 check_agent_spaces(env, data["observation_space"], data["action_space"], data["state_space"])
             except ValueError as error:
+                if owned:  # ours: its workers must not outlive the error
+                    env.close()
                 raise ValueError(f"{error}.{mismatch_hint(saved_spec, env, path)}") from None
-        if isinstance(path, io.BufferedIOBase):
-            path.seek(0)
-        model = super().load(
-            path,
-            env=env,
-            device=device,
-            custom_objects=custom_objects,
-            print_system_info=print_system_info,
-            force_reset=force_reset,
-            **kwargs,
-        )
+            if force_reset:
+                data["_last_obs"] = None  # the env is reset before training (SB3 issue 597)
+            data["n_envs"] = env.num_envs
+        model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)
+        model.__dict__.update(data)
+        model.__dict__.update(kwargs)
+        model._setup_model()
+        try:
+            model.set_parameters(params, exact_match=True, device=device)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"{_describe_source(path)}: its parameters do not fit the saved networks ({_first_line(error)}); "
+                "the file is corrupted or was not written by HATRPO.save()"
+            ) from None
+        for name, variable in (pytorch_variables or {}).items():
+            if variable is not None:
+                recursive_setattr(model, f"{name}.data", variable.data)
         if env is not None:
             model._last_states = None
             model._last_alive = None
+            model._owned_env = env if owned else None
         return model
+
+
+def _ends_with_zip_directory(path: pathlib.Path) -> bool:
+    """Whether the file ends with its zip end-of-directory record (plus its comment).
+
+    A truncated model zip can still look like a zip: the ``.pth`` entries are zips themselves, and
+    ``zipfile`` then reads the directory of the last one it finds, which lists no model entries.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        file.seek(max(0, size - (22 + 65535)))  # the record is 22 bytes plus a comment of at most 64 KiB
+        tail = file.read()
+    position = tail.rfind(b"PK\x05\x06")
+    if position < 0 or position + 22 > len(tail):
+        return False
+    comment_length = int.from_bytes(tail[position + 20 : position + 22], "little")
+    return position + 22 + comment_length == len(tail)
+
+
+def _describe_source(path: Any) -> str:
+    return str(path) if isinstance(path, str | pathlib.Path) else f"the model file object {path!r}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def read_model_file(
+    path: str | pathlib.Path | io.BufferedIOBase,
+    device: th.device | str = "auto",
+    custom_objects: dict[str, Any] | None = None,
+    print_system_info: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """SB3's ``load_from_zip_file``, once, with every way a file can be broken turned into one ``ValueError``.
+
+    :param path: the zip (or an open binary file)
+    :param device: where to put the tensors
+    :param custom_objects: SB3's replacements for saved objects
+    :param print_system_info: print the saving system's versions
+    :return: ``(data, params, pytorch_variables)``
+    :raises ValueError: naming the file and what is wrong with it
+    """
+    where = _describe_source(path)
+    try:
+        data, params, pytorch_variables = load_from_zip_file(
+            path, device=device, custom_objects=custom_objects, print_system_info=print_system_info
+        )
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: its 'data' entry is not valid JSON ({error}); the file is corrupted") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, OSError) as error:
+        raise ValueError(
+            f"{where} cannot be read as a HATRPO model ({type(error).__name__}: {_first_line(error)}); "
+            "the file is truncated or corrupted: save it again or use another checkpoint"
+        ) from None
+    except ValueError as error:  # SB3: "the file ... wasn't a zip-file"
+        raise ValueError(f"{where} cannot be read as a HATRPO model: {_first_line(error)}") from None
+    if not data or "observation_space" not in data or "state_space" not in data or "policy_class" not in data:
+        what = "no 'data' entry" if not data else "no per-agent spaces and policy"
+        raise ValueError(f"{where} does not hold a HATRPO model ({what} in the zip; saved by another algorithm?)")
+    if not params or "policy" not in params:
+        raise ValueError(f"{where} holds no network parameters (policy.pth is missing); the file is incomplete")
+    return data, params, pytorch_variables
 
 
 def check_agent_spaces(
@@ -686,4 +835,4 @@ def check_agent_spaces(
         raise ValueError(f"The env's global state space {env.state_space} differs from the model's {state_space}")
 
 
-__all__ = ["HATRPO", "MlpPolicy", "check_agent_spaces"]
+__all__ = ["HATRPO", "MlpPolicy", "check_agent_spaces", "read_model_file"]

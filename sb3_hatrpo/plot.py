@@ -24,6 +24,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sb3_hatrpo.plot", description="Plot learning curves and KL allocations of training runs."
     )
+    parser.add_argument("--verbose", type=int, default=1, help="2: tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
     curves = commands.add_parser("curves", help="evaluation return over timesteps, mean +- std over seeds")
     curves.add_argument("--env", help="env id: plot all its runs in the log folder")
@@ -59,7 +60,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         require(["matplotlib", "yaml"], "python -m sb3_hatrpo.plot")
         return _plot(args)
 
-    return run_cli("sb3_hatrpo.plot", body)
+    return run_cli("sb3_hatrpo.plot", body, traceback=args.verbose >= 2)
 
 
 def _plot(args: argparse.Namespace) -> Path:

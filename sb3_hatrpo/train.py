@@ -66,7 +66,17 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-tb", "--tensorboard-log", default=None, help="also write TensorBoard logs here")
     parser.add_argument("--log-interval", type=int, default=1, help="print the logger's table every N iterations")
     parser.add_argument(
-        "--verbose", type=int, default=1, help="0 quiet, 1 short tables and summary, 2 full tables (per-agent figures)"
+        "--verbose",
+        type=int,
+        default=1,
+        help="0 quiet, 1 short tables and summary, 2 full tables (per-agent figures) and tracebacks of errors",
+    )
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let the config's env_wrapper name callables of MODULE (trusted code only; see docs/zoo.md)",
     )
     parser.add_argument("--track", action="store_true", help="log to Weights & Biases")
     parser.add_argument("--wandb-project", default="sb3-hatrpo", help="W&B project")
@@ -203,6 +213,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
             log_interval=args.log_interval,
             command=shlex.join(["python", "-m", "sb3_hatrpo.train", *argv_list]),
             cli_args=vars(args),
+            allow_imports=args.allow_import,
         )
         result = manager.run()
         allocator = str(manager.hyperparams.get("allocator", "uniform"))
@@ -212,7 +223,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
             print(format_summary(result, args.env, allocator, manager.seed))
         return result
 
-    return run_cli("sb3_hatrpo.train", body)
+    return run_cli("sb3_hatrpo.train", body, traceback=args.verbose >= 2)
 
 
 if __name__ == "__main__":

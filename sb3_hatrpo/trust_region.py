@@ -121,6 +121,35 @@ def normalize_on(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
     return (values - selected.mean()) / (selected.std() + 1e-8)
 
 
+class AllocatorContractError(ValueError):
+    """An allocator asked the planner for a threshold that is not finite, negative, or beyond the joint budget."""
+
+
+def check_allocator_threshold(threshold: float, remaining: float, total: float, allocator: str, agent: str) -> None:
+    """The allocator contract: a finite threshold ``>= 0`` within what is left of the joint budget.
+
+    :param threshold: the KL threshold asked for ``agent``
+    :param remaining: the joint budget minus the KL of the steps already committed this iteration
+    :param total: the joint budget ``delta_total``
+    :param allocator: the allocator's class name, for the message
+    :param agent: the agent the threshold is for
+    :raises AllocatorContractError: naming the allocator, the agent, the threshold and the budget
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        problem = "is not a finite number"
+    elif threshold < 0.0:
+        problem = "is negative"
+    elif threshold > remaining + 1e-6 * total + 1e-12:  # tolerance for rounding in the allocator's sums
+        problem = f"exceeds what is left of the joint KL budget ({remaining:.6g} of {total:.6g})"
+    else:
+        return
+    raise AllocatorContractError(
+        f"Allocator {allocator} asked for the KL threshold {threshold!r} for agent {agent!r}, which {problem}. "
+        "An allocator's thresholds must be finite, >= 0, and sum to at most planner.total_kl over the committed "
+        "steps of an iteration; fix its update_agents()."
+    )
+
+
 class _AgentData:
     """One agent's rollout samples, advantages and frozen old policy."""
 
@@ -260,6 +289,8 @@ class TrustRegionPlanner:
         self.correction = th.ones_like(advantages)
         self.factor_version = 0
         self.updated: list[str] = []
+        self.spent_kl = 0.0  # realised KL of the steps committed so far
+        self.allocator_name = "custom"  # set by HATRPO, for the allocator-contract error
 
     @property
     def n_agents(self) -> int:
@@ -341,6 +372,7 @@ class TrustRegionPlanner:
         data = self._data[agent]
         if not self.is_current(direction):
             raise RuntimeError(f"the direction of {agent!r} was computed before another agent moved: recompute it")
+        check_allocator_threshold(threshold, self.total_kl - self.spent_kl, self.total_kl, self.allocator_name, agent)
         predicted = direction.predicted_improvement(threshold) if threshold > 0 else 0.0
         result = StepResult(agent, threshold, 0.0, 0.0, predicted, False, 0.0, direction.potential)
         full_step = direction.full_step(threshold) if threshold > 0 else None
@@ -368,6 +400,7 @@ class TrustRegionPlanner:
             self.correction = self.correction * th.where(data.alive > 0, ratio, th.ones_like(ratio))
             self.factor_version += 1
             self.updated.append(agent)
+            self.spent_kl += result.kl
         else:
             data.set_params(data.old_params)
         return result

@@ -88,7 +88,16 @@ def make_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads; small MLPs run fastest on 1 (threads spin on a busy machine); 0: torch's default",
     )
-    parser.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 one line per trial, 2 Optuna's logs")
+    parser.add_argument(
+        "--verbose", type=int, default=1, help="0 quiet, 1 one line per trial, 2 Optuna's logs and error tracebacks"
+    )
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let the config's env_wrapper name callables of MODULE (trusted code only; see docs/zoo.md)",
+    )
     return parser
 
 
@@ -163,6 +172,11 @@ def open_storage(url: str, retries: int = 5) -> Any:
                 f"cannot open the Optuna storage {_masked(url)}: no database driver{cause}; install it "
                 "(PostgreSQL: pip install psycopg2-binary) or name one in the URL (postgresql+psycopg2://...)"
             ) from None
+        except sqlalchemy.exc.DatabaseError as error:  # e.g. SQLite: "file is not a database"
+            raise CLIError(
+                f"cannot open the Optuna storage {_masked(url)}: {_first_line(error)}; point --storage at an Optuna "
+                "database (a new file is created) or a database server"
+            ) from None
         except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as error:
             raise CLIError(f"cannot open the Optuna storage {_masked(url)}: {_first_line(error)}") from None
     raise AssertionError("unreachable")
@@ -209,11 +223,14 @@ class _Objective:
     env_kwargs: dict[str, Any]
     n_timesteps: int
     worker: str
+    # A broken env (not a bad sample): the study stops and the command reports it as its error
+    fatal: BaseException | None = None
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
         from sb3_hatrpo.hatrpo import HATRPO
+        from sb3_hatrpo.vec_env import EnvOutputError
         from sb3_hatrpo.zoo.config import merge_overrides, prepare_hyperparams
         from sb3_hatrpo.zoo.exp_manager import EVAL_SEED_OFFSET, build_vec_env
         from sb3_hatrpo.zoo.hyperparams_opt import sample_hatrpo_params
@@ -225,7 +242,7 @@ class _Objective:
         if self.args.n_envs is not None:
             hyperparams["n_envs"] = self.args.n_envs
         trial.set_user_attr("hyperparams", hyperparams)
-        prepared = prepare_hyperparams(hyperparams)
+        prepared = prepare_hyperparams(hyperparams, self.args.allow_import)
         seed = (self.args.seed + trial.number) if self.args.seed is not None else random.randrange(2**31 - 1)
         env = build_vec_env(self.args.env, prepared, prepared.n_envs, seed, self.args.vec_env, self.env_kwargs)
         eval_env = build_vec_env(self.args.env, prepared, 1, seed + EVAL_SEED_OFFSET, "dummy", self.env_kwargs)
@@ -241,6 +258,13 @@ class _Objective:
                     raise optuna.TrialPruned(f"pruned after evaluation {callback.eval_idx}")
                 if not callback.evaluations_n_updates or callback.evaluations_n_updates[-1] != model._n_updates:
                     callback.evaluate()  # the final model, not the one before its last update
+            except EnvOutputError as error:
+                # A broken env, not a bad sample: every trial would fail the same way. Stop the study (this trial
+                # counts as pruned, so the study stays resumable) and report the error once.
+                self.fatal = error
+                trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
+                trial.study.stop()
+                raise optuna.TrialPruned(f"the env is broken: {error}") from None
             except (AssertionError, ValueError, FloatingPointError) as error:
                 # Diverged (NaN advantages, observations or distribution parameters): prune, keep the study going.
                 trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:500])
@@ -369,7 +393,7 @@ def run(argv: Sequence[str] | None = None) -> TuneResult:
         require(modules, "python -m sb3_hatrpo.tune")  # before any storage or report folder is created
         return _tune(args)
 
-    return run_cli("sb3_hatrpo.tune", body)
+    return run_cli("sb3_hatrpo.tune", body, traceback=args.verbose >= 2)
 
 
 def _tune(args: argparse.Namespace) -> TuneResult:
@@ -377,8 +401,10 @@ def _tune(args: argparse.Namespace) -> TuneResult:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
+    from sb3_hatrpo.validation import check_device, check_hyperparameters
     from sb3_hatrpo.zoo.config import ConfigError, canonical_allocator, get_hyperparams, merge_overrides, parse_params
     from sb3_hatrpo.zoo.config import prepare_hyperparams as _prepare
+    from sb3_hatrpo.zoo.utils import check_writable_folder
 
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose >= 2 else optuna.logging.WARNING)
     for flag in ("n_evaluations", "eval_episodes", "n_jobs"):
@@ -390,7 +416,10 @@ def _tune(args: argparse.Namespace) -> TuneResult:
     env_kwargs = parse_params(args.env_kwargs, "--env-kwargs")
     base, source = get_hyperparams(args.env, args.conf_file)
     # Fail on a bad env id or config before any storage is touched.
-    prepared = _prepare(merge_overrides(base, fixed))
+    prepared = _prepare(merge_overrides(base, fixed), args.allow_import)
+    check_device(args.device, owner="--device")
+    check_hyperparameters(**prepared.model_kwargs)  # fixed values every trial would fail on
+    check_writable_folder(args.log_folder)
     n_timesteps = args.n_timesteps or prepared.n_timesteps
     if not n_timesteps:
         raise ConfigError(f"No n_timesteps for {args.env!r} in {source}: pass -n/--n-timesteps")
@@ -462,6 +491,8 @@ def _tune(args: argparse.Namespace) -> TuneResult:
             study.optimize(objective, n_trials=n_trials, n_jobs=args.n_jobs, callbacks=callbacks, gc_after_trial=True)
         except KeyboardInterrupt:
             print("Interrupted: reporting the trials so far", file=sys.stderr)
+        if objective.fatal is not None:
+            raise objective.fatal
 
     report_dir = log_path / f"tune_{study_name}"
     yaml_path, best = _write_report(study, args.env, report_dir, plots=not args.no_optim_plots)

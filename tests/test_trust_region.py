@@ -101,7 +101,7 @@ def _unflatten(actor: Actor, theta: th.Tensor) -> dict[str, th.Tensor]:
 @pytest.mark.parametrize("threshold", [1e-4, 1e-2, 0.1])
 def test_accepted_steps_respect_their_threshold(action_space, threshold):
     problem = make_problem(action_space=action_space, seed=3)
-    planner = planner_for(problem)
+    planner = planner_for(problem, total_kl=2 * threshold)
     for agent in planner.agents:
         result = planner.step(planner.direction(agent), threshold)
         if result.accepted:
@@ -309,9 +309,9 @@ def test_scaling_the_advantages_leaves_normalised_directions_unchanged():
 
 
 def test_accept_ratio_rejects_steps_that_fall_short_of_the_prediction():
-    planner = planner_for(make_problem(seed=2), line_search_accept_ratio=0.0)
+    planner = planner_for(make_problem(seed=2), total_kl=0.05, line_search_accept_ratio=0.0)
     plain = planner.step(planner.direction("agent_1"), 0.05, commit=False)
-    strict = planner_for(make_problem(seed=2), line_search_accept_ratio=0.999)
+    strict = planner_for(make_problem(seed=2), total_kl=0.05, line_search_accept_ratio=0.999)
     result = strict.step(strict.direction("agent_1"), 0.05, commit=False)
     assert plain.accepted
     # the plain step falls short of its linear prediction, so the strict search must not accept it

@@ -254,7 +254,9 @@ def test_schedules_types_and_allocator_options() -> None:
 
 
 def test_env_wrapper_chain() -> None:
-    chain = EnvWrapperChain(["tests.test_zoo.identity_wrapper", {"tests.test_zoo:identity_wrapper": {"tag": "y"}}])
+    chain = EnvWrapperChain(
+        ["tests.test_zoo.identity_wrapper", {"tests.test_zoo:identity_wrapper": {"tag": "y"}}], allow_imports=["tests"]
+    )
     env = chain(DifferentialGame())
     assert env.wrapped_with == "y"
     with pytest.raises(ConfigError, match=r"env_wrapper 'supersuit\.no_such_wrapper' cannot be imported"):

@@ -146,7 +146,14 @@ class GlobalStateReader:
         if self._size_checked:
             if self._state_works:
                 state = self._state_fn()
-                out[...] = np.ravel(state) if self._ravel else state
+                value = np.ravel(state) if self._ravel else state
+                if getattr(value, "shape", None) != out.shape and np.shape(value) != out.shape:
+                    # Checked every step: NumPy would broadcast a (1,) state over the whole row
+                    raise ValueError(
+                        f"env.state() returned {np.size(value)} values (shape {np.shape(state)}) but the state "
+                        f"space has {out.size}; state() must always return the same number of values."
+                    )
+                out[...] = value
             else:
                 self._concat.write(obs, out)
             return

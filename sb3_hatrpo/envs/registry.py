@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from pettingzoo import AECEnv, ParallelEnv
@@ -123,7 +125,7 @@ def make_env(env_id: str, **kwargs: Any) -> ParallelEnv:
     elif prefix == "games":
         if name not in GAMES:
             raise ValueError(f"unknown game {name!r} in env id {env_id!r}; valid names: {', '.join(GAMES)}")
-        env = GAMES[name](**kwargs)
+        env = _call(env_id, GAMES[name], kwargs)
     else:
         env = _make_from_entry_point(env_id, prefix, name, kwargs)
     try:
@@ -165,7 +167,7 @@ def _make_mamujoco(env_id: str, name: str, kwargs: dict[str, Any]) -> Any:
         ) from error
     # render_mode and the MaMuJoCo options (agent_obsk, ...) are keyword arguments of the constructor.
     with without_mujoco_warnings(SETTOTALMASS_WARNING):
-        return mamujoco_v1.parallel_env(scenario, agent_conf, **kwargs)
+        return _call(env_id, partial(mamujoco_v1.parallel_env, scenario, agent_conf), kwargs)
 
 
 def _mpe_names() -> list[str]:
@@ -184,7 +186,7 @@ def _make_mpe(env_id: str, name: str, kwargs: dict[str, Any]) -> Any:
     if name not in _mpe_names():
         raise ValueError(f"unknown MPE env {name!r} in env id {env_id!r}; valid names: {', '.join(_mpe_names())}")
     module = importlib.import_module(f"mpe2.{name}")
-    return module.parallel_env(**kwargs)
+    return _call(env_id, module.parallel_env, kwargs)
 
 
 def _make_from_entry_point(env_id: str, module_name: str, attr_path: str, kwargs: dict[str, Any]) -> Any:
@@ -206,7 +208,40 @@ def _make_from_entry_point(env_id: str, module_name: str, attr_path: str, kwargs
             raise ValueError(f"env id {env_id!r}: module {module_name!r} has no attribute {attr_path!r}") from None
     if not callable(factory):
         raise TypeError(f"env id {env_id!r}: {module_name}:{attr_path} is a {type(factory).__name__}, not callable")
-    return factory(**kwargs)
+    return _call(env_id, factory, kwargs)
+
+
+class EnvKwargsError(TypeError, ValueError):
+    """Keyword arguments an env constructor does not take (a ``TypeError`` as Python's, and a user error)."""
+
+
+def _call(env_id: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """``factory(**kwargs)``; arguments it does not take raise :class:`EnvKwargsError` naming them and the valid ones.
+
+    Checked against the signature first; constructors that pass ``**kwargs`` on (MaMuJoCo to gymnasium) are
+    recognised by Python's own message, so a ``TypeError`` raised inside a working constructor stays a bug.
+    """
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as error:
+            valid = [
+                name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            ]
+            raise EnvKwargsError(
+                f"env {env_id!r} does not take the keyword arguments {sorted(kwargs)} ({error}); "
+                f"its keyword arguments: {', '.join(valid) or 'none'}"
+            ) from None
+    try:
+        return factory(**kwargs)
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error):
+            raise
+        raise EnvKwargsError(f"env {env_id!r}: {error} (check --env-kwargs / env_kwargs)") from None
 
 
 __all__ = [
@@ -214,6 +249,7 @@ __all__ = [
     "KNOWN_PREFIXES",
     "MAMUJOCO_AGENT_CONFS",
     "MAMUJOCO_SEGMENTED_SCENARIOS",
+    "EnvKwargsError",
     "as_parallel_env",
     "list_envs",
     "make_env",

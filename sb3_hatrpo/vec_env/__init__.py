@@ -13,13 +13,14 @@ One module per role:
 * ``worker``: the subprocess side (byte codec of step messages, worker loop);
 * ``subproc``: :class:`SubprocMultiAgentVecEnv`, one worker process per copy;
 * ``factory``: :func:`make_vec_env`;
-* ``errors``: :class:`NonFiniteError`.
+* ``checks``: env outputs against the declared spaces and ``possible_agents``;
+* ``errors``: :class:`NonFiniteError`, :class:`EnvOutputError`, :class:`EnvTimeoutError`.
 """
 
 from sb3_hatrpo.action_spaces import SUPPORTED_ACTION_SPACES
 from sb3_hatrpo.vec_env.base import REWARD_AGGREGATIONS, MultiAgentVecEnv
 from sb3_hatrpo.vec_env.dummy import DummyMultiAgentVecEnv
-from sb3_hatrpo.vec_env.errors import NonFiniteError
+from sb3_hatrpo.vec_env.errors import EnvOutputError, EnvTimeoutError, NonFiniteError
 from sb3_hatrpo.vec_env.factory import make_vec_env
 from sb3_hatrpo.vec_env.subproc import SubprocMultiAgentVecEnv
 
@@ -27,6 +28,8 @@ __all__ = [
     "REWARD_AGGREGATIONS",
     "SUPPORTED_ACTION_SPACES",
     "DummyMultiAgentVecEnv",
+    "EnvOutputError",
+    "EnvTimeoutError",
     "MultiAgentVecEnv",
     "NonFiniteError",
     "SubprocMultiAgentVecEnv",

@@ -75,6 +75,7 @@ def make_vec_env(
     env_kwargs: dict[str, Any] | None = None,
     reward_aggregation: str = "mean",
     start_method: str | None = None,
+    step_timeout: float | None = None,
 ) -> MultiAgentVecEnv:
     """Create ``n_envs`` copies of a multi-agent env as one :class:`MultiAgentVecEnv`.
 
@@ -89,6 +90,8 @@ def make_vec_env(
     :param env_kwargs: Keyword arguments for ``make_env`` or the factory.
     :param reward_aggregation: ``"mean"`` or ``"sum"``: the team reward when the agents' rewards differ.
     :param start_method: Multiprocessing start method of the subprocess version (ignored by the dummy one).
+    :param step_timeout: Subprocess version only: seconds a worker may take per ``reset()``/``step()`` before it is
+        terminated and :class:`~sb3_hatrpo.vec_env.errors.EnvTimeoutError` names it (None: no limit).
     :return: The vectorised env.
     """
     if isinstance(env, MultiAgentVecEnv):
@@ -96,6 +99,8 @@ def make_vec_env(
     if n_envs < 1:
         raise ValueError(f"n_envs must be at least 1, got {n_envs}.")
     cls = _vec_env_class(vec_env_cls)
+    if step_timeout is not None and not issubclass(cls, SubprocMultiAgentVecEnv):
+        raise ValueError("step_timeout needs vec_env_cls='subproc': a hung env in this process cannot be interrupted")
     env_kwargs = dict(env_kwargs or {})
     if _is_env_instance(env):
         if env_kwargs:
@@ -120,7 +125,9 @@ def make_vec_env(
         raise TypeError(f"Cannot make a vectorised env from a {type(env).__name__}.")
     vec_env: MultiAgentVecEnv
     if issubclass(cls, SubprocMultiAgentVecEnv):
-        vec_env = cls(factories, reward_aggregation=reward_aggregation, start_method=start_method)
+        vec_env = cls(
+            factories, reward_aggregation=reward_aggregation, start_method=start_method, step_timeout=step_timeout
+        )
     else:
         vec_env = cls(factories, reward_aggregation=reward_aggregation)
     if isinstance(env, str):

@@ -126,6 +126,7 @@ class _Layout:
     flat_width: int  # float32 observations, then the state
     state_offset: int
     state_dim: int
+    obs_spaces: tuple[spaces.Space, ...] = ()  # per agent, what the runner checks each observation against
 
 
 def _make_layout(
@@ -146,7 +147,15 @@ def _make_layout(
         if in_flat:
             offset += size
     state_dim = int(state_space.shape[0])
-    return _Layout(list(agents), specs, list(act_specs), offset + state_dim, offset, state_dim)
+    return _Layout(
+        list(agents),
+        specs,
+        list(act_specs),
+        offset + state_dim,
+        offset,
+        state_dim,
+        tuple(obs_spaces[agent] for agent in agents),
+    )
 
 
 class _Storage:

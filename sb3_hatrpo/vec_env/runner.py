@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from sb3_hatrpo.envs.global_state import GlobalStateReader
-from sb3_hatrpo.vec_env.errors import NON_FINITE_HINT, NonFiniteError
+from sb3_hatrpo.vec_env.checks import ObservationCheck, observation_check, unknown_agents
+from sb3_hatrpo.vec_env.errors import NON_FINITE_HINT, EnvOutputError, NonFiniteError
 from sb3_hatrpo.vec_env.layout import _Layout
 
 
@@ -49,12 +50,22 @@ class _CopyRunner:
         self.episode_length = 0
         self.live: list[str] = []  # agents alive in the observations last written
         self.all_alive = False
+        self.known = frozenset(self.agents)
+        # Per agent, the check of its observations against its space; None turns the checks off (benchmarks only)
+        self.spaces = layout.obs_spaces
+        self.checks: list[ObservationCheck] | None = [observation_check(space) for space in self.spaces]
 
     def reset(self, seed: int | None, options: dict[str, Any] | None) -> dict[str, Any]:
         obs, infos = self.env.reset(seed=seed, options=options or None)
-        self._write(obs)
         self.episode_return = 0.0
         self.episode_length = 0
+        self._write(obs)
+        if not self.live:
+            raise EnvOutputError(
+                f"Env copy {self.index}: reset() returned no agents (env.agents = {list(self.env.agents)}, "
+                f"observations for {list(obs) if isinstance(obs, Mapping) else obs!r}); after a reset at least one "
+                f"of possible_agents {self.agents} must be in env.agents with an observation. Fix the env's reset()."
+            )
         return infos
 
     def step(self, actions: Sequence[Any]) -> tuple[float, bool, dict[str, Any], dict[str, Any] | None]:
@@ -68,6 +79,15 @@ class _CopyRunner:
             index = self.agent_index
             action_dict = {agent: actions[index[agent]] for agent in self.live}
         obs, rewards, terminations, truncations, agent_infos = self.env.step(action_dict)
+        known = self.known
+        if self.checks is not None and (
+            rewards.keys() != known or terminations.keys() != known or truncations.keys() != known
+        ):
+            # some agents left, or the env invented names
+            step = self.episode_length + 1
+            self._check_names(rewards, "the rewards", step)
+            self._check_names(terminations, "the terminations", step)
+            self._check_names(truncations, "the truncations", step)
         reward = self._team_reward(rewards)
         self.episode_return += reward
         self.episode_length += 1
@@ -84,7 +104,13 @@ class _CopyRunner:
             self._write(obs)
             return reward, False, info, None
         info["terminal_observation"] = self._observation_copy(obs)
-        info["terminal_state"] = self.reader(obs)
+        info["terminal_state"] = terminal_state = self.reader(obs)
+        if terminal_state.size != self.state_view.size:
+            raise EnvOutputError(
+                f"Env copy {self.index} (step {self.episode_length}, the last of its episode): the global state has "
+                f"{terminal_state.size} values but the state space has {self.state_view.size}; env.state() must "
+                "always return the same number of values."
+            )
         if not terminated:
             info["TimeLimit.truncated"] = True
         info["episode"] = {
@@ -120,12 +146,41 @@ class _CopyRunner:
             f"{NON_FINITE_HINT}"
         )
 
+    def _check_names(self, names: Any, where: str, step: int | None = None) -> None:
+        """``EnvOutputError`` if ``names`` holds an agent outside ``possible_agents``."""
+        unknown = unknown_agents(names, self.known)
+        if unknown:
+            step = self.episode_length if step is None else step
+            raise EnvOutputError(
+                f"Env copy {self.index} returned the agent(s) {unknown} in {where} at step {step} "
+                f"since reset, but its possible_agents are {self.agents}; every agent the env names at run time "
+                "must be declared in possible_agents (with the same name)."
+            )
+
+    def _bad_observation(self, j: int, problem: str, when: str = "") -> EnvOutputError:
+        return EnvOutputError(
+            f"Agent {self.agents[j]!r} in env copy {self.index} returned {problem} (step {self.episode_length} "
+            f"since reset{when}; declared observation space {self.spaces[j]}). Fix the env, or wrap it so that its "
+            "observations match the spaces it declares."
+        )
+
     def _write(self, obs: Mapping[str, Any]) -> None:
+        if type(obs) is not dict and not isinstance(obs, Mapping):  # the exact type first: ABC checks are slow
+            raise EnvOutputError(
+                f"Env copy {self.index} returned observations of type {type(obs).__name__}; a ParallelEnv returns a "
+                "dict {agent: observation}."
+            )
         env_agents = self.env.agents
+        checks = self.checks
         try:
-            if len(env_agents) == self.n_agents:
-                for agent, view in self.pairs:
-                    view[...] = obs[agent]
+            if env_agents == self.agents and len(obs) == self.n_agents:  # everyone present, declared order
+                for j, (agent, view) in enumerate(self.pairs):
+                    value = obs[agent]
+                    if checks is not None:
+                        problem = checks[j](value)
+                        if problem is not None:
+                            raise self._bad_observation(j, problem)
+                    view[...] = value
                 if not self.all_alive:
                     self.alive_row[:] = True
                     self.live = list(self.agents)
@@ -134,9 +189,14 @@ class _CopyRunner:
                 obs = self._write_partial(obs, env_agents)
         except KeyError:  # an agent in env.agents without an observation: treat it as absent
             obs = self._write_partial(obs, env_agents)
+        except EnvOutputError:
+            raise
         except ValueError as error:
             self._raise_bad_observation(obs, error)
-        self.reader.write(obs, self.state_view)
+        try:
+            self.reader.write(obs, self.state_view)
+        except ValueError as error:
+            raise EnvOutputError(f"Env copy {self.index} (step {self.episode_length} since reset): {error}") from None
 
     def _write_partial(self, obs: Mapping[str, Any], env_agents: Sequence[str]) -> dict[str, Any]:
         """Write the observations of the agents alive (zeros for the others); return those observations.
@@ -144,12 +204,20 @@ class _CopyRunner:
         The state is then built from the same observations (when it is their concatenation), so that it describes
         what the agents see: an agent that just left still has a last observation in ``obs`` but counts as absent.
         """
+        if self.checks is not None:
+            self._check_names(env_agents, "env.agents")
+            self._check_names(obs, "the observation dict")
         present = set(env_agents)
         live = []
         live_obs = {}
         for j, (agent, view) in enumerate(self.pairs):
             if agent in present and agent in obs:
-                view[...] = live_obs[agent] = obs[agent]
+                value = obs[agent]
+                if self.checks is not None:
+                    problem = self.checks[j](value)
+                    if problem is not None:
+                        raise self._bad_observation(j, problem)
+                view[...] = live_obs[agent] = value
                 self.alive_row[j] = True
                 live.append(agent)
             else:  # absent agents: zero observation, alive false
@@ -170,12 +238,24 @@ class _CopyRunner:
         raise error
 
     def _observation_copy(self, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Every agent's observation as a new array in its final dtype (zeros for agents without one)."""
+        """Every agent's last observation as a new array in its final dtype (zeros for agents without one),
+        checked as the others: a terminal observation is what GAE bootstraps a truncated episode from."""
+        if not isinstance(obs, Mapping):
+            raise EnvOutputError(
+                f"Env copy {self.index} returned observations of type {type(obs).__name__} at the end of an "
+                "episode; a ParallelEnv returns a dict {agent: observation}."
+            )
+        if self.checks is not None:
+            self._check_names(obs, "the last observation dict of an episode")
         out = {}
-        for agent, spec in zip(self.agents, self.specs):
+        for j, (agent, spec) in enumerate(zip(self.agents, self.specs)):
             value = obs.get(agent)
             if value is None:
                 out[agent] = np.zeros(spec.shape, dtype=spec.dtype)
-            else:
-                out[agent] = np.array(value, dtype=spec.dtype).reshape(spec.shape)
+                continue
+            if self.checks is not None:
+                problem = self.checks[j](value)
+                if problem is not None:
+                    raise self._bad_observation(j, problem, when=", the last observation of its episode")
+            out[agent] = np.array(value, dtype=spec.dtype).reshape(spec.shape)
         return out

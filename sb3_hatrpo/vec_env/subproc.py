@@ -15,7 +15,7 @@ import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper, VecEnvIndices, VecEnvStepReturn
 
 from sb3_hatrpo.vec_env.base import MultiAgentVecEnv
-from sb3_hatrpo.vec_env.errors import NonFiniteError
+from sb3_hatrpo.vec_env.errors import WORKER_ERRORS, EnvTimeoutError
 from sb3_hatrpo.vec_env.worker import _STEP_BYTE, _PipeCodec, _worker
 
 
@@ -35,6 +35,9 @@ class SubprocMultiAgentVecEnv(MultiAgentVecEnv):
     :param start_method: The multiprocessing start method; ``"forkserver"`` where available, else ``"spawn"``.
         With those two, the script creating the env must be guarded by ``if __name__ == "__main__":``.
     :param close_timeout: Seconds to wait for the workers to exit on ``close()`` before terminating them.
+    :param step_timeout: Seconds a worker may take to answer a ``reset()`` or ``step()``; a worker that takes
+        longer (a hung env) is terminated and :class:`~sb3_hatrpo.vec_env.errors.EnvTimeoutError` names it.
+        ``None`` (default): wait as long as the worker lives.
     """
 
     def __init__(
@@ -43,10 +46,14 @@ class SubprocMultiAgentVecEnv(MultiAgentVecEnv):
         reward_aggregation: str = "mean",
         start_method: str | None = None,
         close_timeout: float = 5.0,
+        step_timeout: float | None = None,
     ) -> None:
+        if step_timeout is not None and not (isinstance(step_timeout, int | float) and step_timeout > 0):
+            raise ValueError(f"step_timeout must be a positive number of seconds or None, got {step_timeout!r}")
         self.closed = False
         self.waiting = False
         self.close_timeout = close_timeout
+        self.step_timeout = step_timeout
         self.remotes: list[Connection] = []
         self.processes: list[Any] = []
         self._pollers: list[Any] = []
@@ -92,12 +99,22 @@ class SubprocMultiAgentVecEnv(MultiAgentVecEnv):
         )
         return RuntimeError(message)
 
-    def _receive_bytes(self, i: int) -> bytes:
-        """The next message of worker ``i``; raises if it died instead of blocking forever."""
+    def _receive_bytes(self, i: int, timeout: float | None = None, what: str = "") -> bytes:
+        """The next message of worker ``i``; raises if it died (or takes longer than ``timeout`` s) instead of
+        blocking forever."""
         remote, process, poller = self.remotes[i], self.processes[i], self._pollers[i]
-        while not poller(1.0):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not poller(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))):
             if not process.is_alive():
                 raise self._died(i)
+            if deadline is not None and time.monotonic() >= deadline:
+                process.terminate()  # it would answer late and desynchronise the pipe; the env is unusable now
+                process.join(timeout=1.0)
+                raise EnvTimeoutError(
+                    f"Env worker {i} (pid {process.pid}) did not answer {what} within step_timeout={timeout} s: its "
+                    "env hangs (an endless loop, a deadlock or a blocking call). The worker was terminated; close() "
+                    "this vectorised env and make a new one (or raise step_timeout if the env is just slow)."
+                )
         try:
             return remote.recv_bytes()
         except (EOFError, OSError) as error:
@@ -108,9 +125,9 @@ class SubprocMultiAgentVecEnv(MultiAgentVecEnv):
         status, payload = pickle.loads(message)
         if status == "ok":
             return payload
-        name, text, worker_traceback, non_finite, context = payload
-        if non_finite:
-            raise NonFiniteError(text)
+        name, text, worker_traceback, known, context = payload
+        if known:  # a user error with a complete message (non-finite or invalid env output): same type
+            raise WORKER_ERRORS[name](text)
         raise RuntimeError(f"Env worker {i} raised {name} {context}: {text}\n\nWorker traceback:\n{worker_traceback}")
 
     def _receive(self, i: int) -> Any:
@@ -118,7 +135,7 @@ class SubprocMultiAgentVecEnv(MultiAgentVecEnv):
 
     def _receive_step(self, i: int) -> Any:
         """A step or reset reply: stores the arrays of copy ``i`` and returns the pickled rest."""
-        message = self._receive_bytes(i)
+        message = self._receive_bytes(i, self.step_timeout, "a step or reset")
         if message[0] != _STEP_BYTE:
             return self._raise_reply(i, message)
         return self._codec.decode_reply(message, self._storage, i)
@@ -130,7 +147,7 @@ class SubprocMultiAgentVecEnv(MultiAgentVecEnv):
         for i in range(self.num_envs):
             try:
                 results.append(self._receive_step(i))
-            except (RuntimeError, ValueError) as error:
+            except (RuntimeError, ValueError, TimeoutError) as error:
                 results.append(None)
                 if first_error is None:
                     first_error = error

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper
 
-from sb3_hatrpo.vec_env.errors import NonFiniteError
+from sb3_hatrpo.vec_env.errors import WORKER_ERRORS
 from sb3_hatrpo.vec_env.layout import _DISCRETE, _describe, _Layout, _Storage
 from sb3_hatrpo.vec_env.runner import _CopyRunner
 
@@ -116,11 +116,12 @@ def _plain_infos(agent_infos: Any) -> Any:
 
 
 def _error_payload(error: BaseException, context: str) -> tuple[str, str, str, bool, str]:
+    # The 4th entry: the main process re-raises the error as the same type (see WORKER_ERRORS)
     return (
         type(error).__name__,
         str(error),
         traceback.format_exc(),
-        isinstance(error, NonFiniteError),
+        type(error).__name__ in WORKER_ERRORS,
         context,
     )
 

@@ -4,8 +4,14 @@ A config file maps env ids (plus ``default``) to ``HATRPO`` keyword arguments an
 (:data:`ZOO_KEYS`). An env's entry is layered over ``default`` (top-level keys only). Values stay in a
 YAML-serialisable *config form* (``"lin_1e-3"``, ``activation_fn: relu``) until
 :func:`prepare_hyperparams` turns them into Python objects, so the exact config of a run can be saved
-as it is. Nothing is ``eval``-ed: ``policy_kwargs`` strings such as ``"dict(net_arch=[64, 64],
-activation_fn=nn.ReLU)"`` are parsed with :mod:`ast`, class names come from fixed tables.
+as it is.
+
+Configs are data: they come from files other people write (a shared ``-conf`` file, a run's saved
+``config.yml``, a tuning study's ``best_hyperparams.yml``). Nothing is ``eval``-ed: ``policy_kwargs``
+strings such as ``"dict(net_arch=[64, 64], activation_fn=nn.ReLU)"`` are parsed with :mod:`ast`, class
+names come from fixed tables, and the one import path a config may hold (``env_wrapper``) must lie in
+:data:`ALLOWED_IMPORTS` or be allowed explicitly (``allow_imports`` / ``--allow-import``), checked
+before anything is imported. YAML anchors and aliases are limited (:data:`MAX_YAML_NODES`).
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from stable_baselines3.common.utils import LinearSchedule
 from torch import nn, optim
 
 __all__ = [
+    "ALLOWED_IMPORTS",
     "DEFAULT_CONFIG_PATH",
+    "MAX_YAML_NODES",
     "ZOO_KEYS",
     "ConfigError",
     "EnvWrapperChain",
     "PreparedHyperparams",
     "canonical_allocator",
+    "check_import_allowed",
     "get_hyperparams",
     "hyperparam_keys",
     "load_config",
@@ -79,6 +88,14 @@ _OPTIMIZERS: dict[str, type[optim.Optimizer]] = {
 }
 _CLASS_PREFIXES = ("torch.nn.", "th.nn.", "nn.", "torch.optim.", "th.optim.", "optim.")
 
+# Modules (and their submodules) whose callables a config may name without an explicit opt-in:
+# SuperSuit's and PettingZoo's wrappers and this package. Anything else could run arbitrary code
+# (``pydoc.pipepager`` runs a shell command; importing a module runs its import-time code).
+ALLOWED_IMPORTS = ("supersuit", "pettingzoo.utils.wrappers", "pettingzoo.utils.conversions", "sb3_hatrpo")
+# Nodes of a YAML document after expanding its aliases: a real config has a few hundred; an alias bomb
+# (a dozen lines of nested aliases) expands to billions and would take all memory.
+MAX_YAML_NODES = 100_000
+
 
 class ConfigError(ValueError):
     """A config file, entry or override that cannot be used; the message says where and what is valid."""
@@ -115,6 +132,44 @@ class _ZooLoader(yaml.SafeLoader):
             mapping.lines[key] = key_node.start_mark.line + 1
         return mapping
 
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node, self.name)
+        return node
+
+
+def _check_expanded_size(root: yaml.Node, name: str) -> None:
+    """``ConfigError`` if the document, with every alias expanded, has more than :data:`MAX_YAML_NODES` nodes.
+
+    Sizes are memoised per node, so a bomb is measured in time linear in its text, never expanded.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:  # a recursive alias (&a [*a]): infinite
+            raise ConfigError(f"{name}: a YAML alias refers to itself; configs cannot be recursive")
+        on_path.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        on_path.discard(key)
+        sizes[key] = min(total, MAX_YAML_NODES + 1)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{name}: the YAML document expands to more than {MAX_YAML_NODES} values through its aliases "
+                "(&anchor / *alias); a hyperparameter file needs far fewer: remove the nested aliases"
+            )
+        return total
+
+    size(root)
+
 
 _ZooLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -141,7 +196,12 @@ def load_yaml(path: str | Path) -> Any:
         raise FileNotFoundError(f"Config file {path} not found")
     text = path.read_text()
     try:
-        return yaml.load(text, Loader=_ZooLoader)  # a SafeLoader subclass: no arbitrary objects
+        loader = _ZooLoader(text)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data()  # a SafeLoader subclass: no arbitrary objects
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -149,6 +209,8 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: malformed YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML document is nested too deeply") from None
 
 
 def _line_of(mapping: Any, key: Any) -> int | None:
@@ -444,20 +506,44 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_import_allowed(path: str, allow_imports: Iterable[str] = (), what: str = "env_wrapper") -> None:
+    """``ConfigError`` unless the module of ``path`` is in :data:`ALLOWED_IMPORTS` or ``allow_imports``.
+
+    A module is allowed when it equals an entry or is a submodule of one. Checked before any import,
+    so a refused module's import-time code never runs.
+
+    :param path: ``"module.callable"`` or ``"module:callable"``
+    :param allow_imports: modules the user allowed explicitly (``--allow-import``)
+    :param what: the config key, for the message
+    """
+    module = path.replace(":", ".").rpartition(".")[0]
+    allowed = (*ALLOWED_IMPORTS, *allow_imports)
+    if not any(module == prefix or module.startswith(prefix + ".") for prefix in allowed):
+        raise ConfigError(
+            f"{what} {path!r}: configs may only name callables of {', '.join(ALLOWED_IMPORTS)}; importing "
+            f"{module or path!r} would run its code. If you trust it, allow it explicitly: "
+            f"--allow-import {module or path} (Python: allow_imports=[{(module or path)!r}])"
+        )
+
+
 class EnvWrapperChain:
     """ParallelEnv wrappers given by import path, applied in order (picklable for subprocess envs).
 
     :param spec: ``"supersuit.clip_actions_v0"``, ``{"pkg.wrapper": {kwargs}}`` or a list of these
+    :param allow_imports: modules besides :data:`ALLOWED_IMPORTS` whose callables may be named
     """
 
-    def __init__(self, spec: str | dict[str, Any] | list[Any]) -> None:
+    def __init__(self, spec: str | dict[str, Any] | list[Any], allow_imports: Iterable[str] = ()) -> None:
         items = spec if isinstance(spec, list) else [spec]
+        self.allow_imports = tuple(allow_imports)
         self.wrappers: list[tuple[str, dict[str, Any]]] = []
         for item in items:
             if isinstance(item, str):
                 self.wrappers.append((item, {}))
             elif isinstance(item, dict) and len(item) == 1:
                 (name, kwargs), *_ = item.items()
+                if kwargs is not None and not isinstance(kwargs, dict):
+                    raise ConfigError(f"env_wrapper {name!r}: its arguments must be a mapping, got {kwargs!r}")
                 self.wrappers.append((str(name), dict(kwargs or {})))
             else:
                 raise ConfigError(
@@ -466,22 +552,29 @@ class EnvWrapperChain:
         for name, _ in self.wrappers:
             self._resolve(name)  # fail now, not in a worker process
 
-    @staticmethod
-    def _resolve(name: str) -> Callable[..., Any]:
+    def _resolve(self, name: str) -> Callable[..., Any]:
         module_name, sep, attr = name.replace(":", ".").rpartition(".")
         if not sep or not module_name:
             raise ConfigError(f"env_wrapper {name!r}: expected an import path such as supersuit.clip_actions_v0")
+        allowed = getattr(self, "allow_imports", ())  # chains pickled before the attribute existed
+        check_import_allowed(name, allowed)
         try:
             wrapper = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as error:
             raise ConfigError(f"env_wrapper {name!r} cannot be imported: {error}") from None
-        if not callable(wrapper):
+        if not callable(wrapper) or isinstance(wrapper, type(importlib)):
             raise ConfigError(f"env_wrapper {name!r} is not callable")
+        # A name re-exported by an allowed module (``sb3_hatrpo.x.os``-style) must also be defined in one
+        defined_in = getattr(wrapper, "__module__", None) or ""
+        check_import_allowed(f"{defined_in}.{attr}", allowed, what=f"env_wrapper {name!r} is defined as")
         return wrapper
 
     def __call__(self, env: Any) -> Any:
         for name, kwargs in self.wrappers:
-            env = self._resolve(name)(env, **kwargs)
+            try:
+                env = self._resolve(name)(env, **kwargs)
+            except TypeError as error:  # wrong or missing keyword arguments: a config error
+                raise ConfigError(f"env_wrapper {name!r} with {kwargs}: {error}") from None
         return env
 
     def __repr__(self) -> str:
@@ -529,14 +622,15 @@ def _check_number(key: str, value: Any, kind: type, allow_none: bool = False) ->
     return float(value)
 
 
-def prepare_hyperparams(hyperparams: dict[str, Any]) -> PreparedHyperparams:
+def prepare_hyperparams(hyperparams: dict[str, Any], allow_imports: Iterable[str] = ()) -> PreparedHyperparams:
     """Config form -> ``HATRPO`` keyword arguments and zoo settings, checking types.
 
     Schedules (``lin_1e-3``) become SB3 schedules, ``policy_kwargs`` strings are parsed and class names
     resolved, ``env_wrapper`` becomes an :class:`EnvWrapperChain`.
 
     :param hyperparams: from :func:`get_hyperparams` (not modified)
-    :raises ConfigError: for a value of the wrong type
+    :param allow_imports: modules besides :data:`ALLOWED_IMPORTS` that ``env_wrapper`` may name
+    :raises ConfigError: for a value of the wrong type, or an import path that is not allowed
     """
     values = _plain(hyperparams)
     prepared = PreparedHyperparams(model_kwargs={})
@@ -555,7 +649,7 @@ def prepare_hyperparams(hyperparams: dict[str, Any]) -> PreparedHyperparams:
         raise ConfigError(f"env_kwargs must be a mapping, got {env_kwargs!r}")
     prepared.env_kwargs = env_kwargs
     wrapper = values.pop("env_wrapper", None)
-    prepared.env_wrapper = EnvWrapperChain(wrapper) if wrapper else None
+    prepared.env_wrapper = EnvWrapperChain(wrapper, allow_imports) if wrapper else None
 
     policy_kwargs = values.pop("policy_kwargs", None)
     if isinstance(policy_kwargs, str):

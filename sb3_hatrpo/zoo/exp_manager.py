@@ -34,6 +34,7 @@ from stable_baselines3.common.logger import Logger, make_output_format
 
 from sb3_hatrpo.callbacks import MultiAgentEvalCallback
 from sb3_hatrpo.hatrpo import HATRPO
+from sb3_hatrpo.validation import check_device
 from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
 from sb3_hatrpo.zoo.config import (
     ConfigError,
@@ -43,7 +44,7 @@ from sb3_hatrpo.zoo.config import (
     prepare_hyperparams,
 )
 from sb3_hatrpo.zoo.console import ShortTableFormat
-from sb3_hatrpo.zoo.utils import ALGO, env_folder_name, new_run_folder
+from sb3_hatrpo.zoo.utils import ALGO, check_writable_folder, env_folder_name, new_run_folder
 
 __all__ = ["EVAL_SEED_OFFSET", "ExperimentManager", "TrainResult", "build_vec_env", "configure_logger"]
 
@@ -132,6 +133,8 @@ class ExperimentManager:
     :param log_interval: dump the logger every this many iterations
     :param command: the command line, for ``command.txt``
     :param cli_args: the parsed arguments, for ``args.yml``
+    :param allow_imports: modules besides the allow-list whose callables the config's ``env_wrapper`` may
+        name (``--allow-import``); see :data:`sb3_hatrpo.zoo.config.ALLOWED_IMPORTS`
     """
 
     def __init__(
@@ -162,7 +165,12 @@ class ExperimentManager:
         log_interval: int = 1,
         command: str | None = None,
         cli_args: dict[str, Any] | None = None,
+        allow_imports: list[str] | tuple[str, ...] = (),
     ) -> None:
+        # Flags are checked before anything is built or written: a typo leaves no run folder behind.
+        check_device(device, owner="--device")
+        if log_interval < 1:
+            raise ConfigError(f"--log-interval must be at least 1 (iterations between logs), got {log_interval}")
         if eval_episodes < 1:
             raise ConfigError(f"--eval-episodes must be at least 1, got {eval_episodes}")
         if n_eval_envs < 1:
@@ -194,6 +202,8 @@ class ExperimentManager:
         self.log_interval = log_interval
         self.command = command or shlex.join([sys.executable, "-m", "sb3_hatrpo.train", *sys.argv[1:]])
         self.cli_args = dict(cli_args or {})
+        self.allow_imports = tuple(allow_imports)
+        check_writable_folder(log_folder)
 
         self.hyperparams: dict[str, Any] = {}
         self.config_source = ""
@@ -236,7 +246,7 @@ class ExperimentManager:
             hyperparams["n_timesteps"] = self.n_timesteps
         self.hyperparams = hyperparams
         self.config_source = source
-        self.prepared = prepare_hyperparams(hyperparams)
+        self.prepared = prepare_hyperparams(hyperparams, self.allow_imports)
         if self.prepared.n_timesteps is None:
             raise ConfigError(f"No n_timesteps for {self.env_id!r} in {source}: pass -n/--n-timesteps")
         self.n_envs = self.prepared.n_envs

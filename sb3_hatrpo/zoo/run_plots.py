@@ -107,11 +107,10 @@ def find_runs(log_folder: str | Path, env_id: str) -> list[Path]:
 
 
 def _run_args(run: Path) -> dict[str, Any]:
-    import yaml
+    from sb3_hatrpo.zoo.config import load_yaml
 
     for args_file in run.glob("*/args.yml"):
-        with open(args_file) as file:
-            data = yaml.safe_load(file)
+        data = load_yaml(args_file)  # alias-bomb safe
         if isinstance(data, dict):
             return data
     return {}

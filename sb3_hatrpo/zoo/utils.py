@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,6 +15,7 @@ __all__ = [
     "ALGO",
     "CLIError",
     "HelpFormatter",
+    "check_writable_folder",
     "env_folder_name",
     "find_run",
     "get_latest_run_id",
@@ -92,6 +94,27 @@ def find_run(log_folder: str | Path, env_id: str, exp_id: int = 0) -> Path:
     return ids[exp_id]
 
 
+def check_writable_folder(folder: str | Path, flag: str = "-f/--log-folder") -> None:
+    """``CLIError`` unless ``folder`` exists as a writable directory or can be created.
+
+    :param folder: the folder runs will be written to
+    :param flag: the command-line flag that set it, for the message
+    """
+    path = Path(folder)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise CLIError(f"{flag} {folder}: {existing} is a file, not a folder; pass a folder")
+    try:  # a real write: os.access says yes to root on a read-only mount
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".sb3_hatrpo_write_test"):
+            pass
+    except OSError as error:
+        raise CLIError(
+            f"{flag} {folder}: cannot write in {existing} ({error.strerror or error}); pass a writable folder"
+        ) from None
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults formatter, except for help texts that already say what their default is."""
 
@@ -132,14 +155,18 @@ def _fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def run_cli(prog: str, body: Callable[[], Any], expected: Sequence[type[BaseException]] = ()) -> Any:
+def run_cli(
+    prog: str, body: Callable[[], Any], expected: Sequence[type[BaseException]] = (), traceback: bool = False
+) -> Any:
     """Run a command's body; report user errors (bad config, env, files) as one line and exit 2.
 
-    Set ``SB3_HATRPO_TRACEBACK=1`` to see the full traceback instead.
+    Other exceptions are bugs and keep their traceback. ``traceback=True`` (``--verbose 2``) or
+    ``SB3_HATRPO_TRACEBACK=1`` shows the traceback of user errors too.
 
     :param prog: the command's name for the message
     :param body: the command
     :param expected: extra exception types that are user errors
+    :param traceback: re-raise user errors with their traceback instead of the one line
     """
     from sb3_hatrpo.zoo.config import ConfigError
 
@@ -148,16 +175,20 @@ def run_cli(prog: str, body: Callable[[], Any], expected: Sequence[type[BaseExce
         ConfigError,
         ValueError,
         FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
         ImportError,
         *expected,
     )
     try:
         return body()
     except user_errors as error:
-        if os.environ.get("SB3_HATRPO_TRACEBACK"):
+        if traceback or os.environ.get("SB3_HATRPO_TRACEBACK"):
             raise
         message = str(error).strip() or type(error).__name__
-        _fail(prog, message.splitlines()[0] if len(message) > 2000 else message)
+        # One line: a worker's traceback or a long list of valid keys stays out of the terminal
+        _fail(prog, " ".join(message.split("\n\n")[0].split()))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
