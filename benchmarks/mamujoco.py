@@ -97,6 +97,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform-no-truncation-bootstrap": ("uniform", {"bootstrap_truncation": False}),
     "uniform-reward-norm": ("uniform", {"normalize_reward": True}),
     "uniform-layer-norm": ("uniform", {"policy_kwargs": {"layer_norm": True}}),
+    # the two HARL ingredients that looked best one at a time, together
+    "uniform-harl-std-accept": (
+        "uniform",
+        {"line_search_accept_ratio": 0.5, "policy_kwargs": {"std_parametrization": "sigmoid"}},
+    ),
     "package-defaults": ("uniform", {}),  # no zoo settings at all (see variant_kwargs)
 }
 
