@@ -273,7 +273,11 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
             last = [np.mean([p["ep_rew_mean"] for p in progress_of(env_id, allocator, s)[-10:]]) for s in done_seeds]
             training = f"{np.mean(last):.0f} ± {np.std(last):.0f}" if last else ""
             budget = [sum(r["kl"] for r in p["allocation"]) for p in progress]
-            target_kl = zoo_settings(env_id)[0]["target_kl"]
+            # the runs' own target_kl (older result folders used other settings than today's zoo config)
+            recorded = [
+                r["settings"]["target_kl"] for r in final if r["env"] == env_id and "target_kl" in r["settings"]
+            ]
+            target_kl = recorded[0] if recorded else zoo_settings(env_id)[0]["target_kl"]
             spent = np.mean(budget) / (target_kl * len(progress[0]["allocation"])) if progress else float("nan")
             if values:
                 gain = (
