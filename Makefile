@@ -6,12 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-# make train ENV=... ALLOCATOR=... STEPS=... SEED=... N_ENVS=...
+# make train ENV=... ALLOCATOR=... STEPS=... SEED=... N_ENVS=... (N_ENVS empty: the zoo config's)
 ENV ?= mamujoco:HalfCheetah-2x3
-ALLOCATOR ?= greedy
-STEPS ?= 60000
+ALLOCATOR ?= uniform
+STEPS ?= 100000
 SEED ?= 0
-N_ENVS ?= 2
+N_ENVS ?=
 # a short logger table every LOG_INTERVAL iterations (the per-agent figures are in the final summary)
 LOG_INTERVAL ?= 5
 LOG_FOLDER ?= logs
@@ -30,7 +30,7 @@ $(STAMP): setup.py constraints.txt
 
 train: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m sb3_hatrpo.train --env $(ENV) --allocator $(ALLOCATOR) \
-		-n $(STEPS) --seed $(SEED) --n-envs $(N_ENVS) -f $(LOG_FOLDER) --log-interval $(LOG_INTERVAL) --track \
+		-n $(STEPS) --seed $(SEED) $(if $(N_ENVS),--n-envs $(N_ENVS)) -f $(LOG_FOLDER) --log-interval $(LOG_INTERVAL) --track \
 		$(TRAIN_ARGS)
 
 test: $(STAMP)
