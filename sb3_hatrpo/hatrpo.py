@@ -471,6 +471,8 @@ class HATRPO(OnPolicyAlgorithm):
             "train/explained_variance",
             float(explained_variance(data.values.cpu().numpy(), data.returns.cpu().numpy())),
         )
+        for key, value in self.allocator.diagnostics.items():  # e.g. SelectionBiasProbe's held-out figures
+            self.logger.record(f"train/{key}", value)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
     def learn(
