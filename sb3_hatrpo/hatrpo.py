@@ -435,6 +435,7 @@ class HATRPO(OnPolicyAlgorithm):
             line_search_shrinking_factor=self.line_search_shrinking_factor,
             line_search_max_iter=self.line_search_max_iter,
             krylov_rtol=self.krylov_rtol,
+            n_envs=self.n_envs,  # folds of whole envs for the noise-aware allocators
         )
         settings.update(overrides)
         actors = {agent: self.policy.actor(agent) for agent in self.policy.agents}

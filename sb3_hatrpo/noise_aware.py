@@ -6,7 +6,7 @@ more of the budget and moves first; the step it then takes is fitted to the same
 curse). Two remedies, each a :class:`~sb3_hatrpo.allocators.BaseAllocator`:
 
 * :class:`ShrunkKKTAllocator` (``"kkt-shrink"``): estimate each potential's sampling variance from
-  folds of the batch and shrink the potentials toward their mean by it (James-Stein / Efron-Morris
+  folds of the batch (whole envs) and shrink the potentials toward their mean by it (James-Stein / Efron-Morris
   empirical Bayes) before KKT water-filling and ordering.
 * :class:`CrossFitAllocator` (``"cross-fit"``): decide thresholds and order from *cross-fitted*
   potentials (the natural-gradient direction of one half of the batch scored by the gradient of the
@@ -73,7 +73,9 @@ class ShrunkKKTAllocator(KKTAllocator):
 
     1. Every agent's full-batch direction ``x_i = CG(F_i, g_i)`` and potential
        ``c_i = g_i^T x_i / sqrt(x_i^T F_i x_i)`` (as :class:`~sb3_hatrpo.allocators.KKTAllocator`).
-    2. The batch is cut into ``K = n_folds`` time blocks. Each fold's gradient ``g_ik`` gives a fold
+    2. The batch is cut into ``K = n_folds`` folds: groups of whole envs when the rollout has at least
+       ``K`` envs (independent trajectories), else time blocks
+       (:func:`~sb3_hatrpo.trust_region.split_samples`). Each fold's gradient ``g_ik`` gives a fold
        potential along the same direction (all folds from one double backward pass,
        :meth:`~sb3_hatrpo.trust_region.TrustRegionPlanner.fold_slopes`),
 
@@ -124,7 +126,7 @@ class ShrunkKKTAllocator(KKTAllocator):
     ) -> dict[str, float]:
         agents = planner.agents
         raw = np.array([directions[a].potential for a in agents])
-        folds = split_samples(planner.n_samples, min(self.n_folds, planner.n_samples))
+        folds = split_samples(planner.n_samples, min(self.n_folds, planner.n_samples), n_envs=planner.n_envs)
         variances = np.zeros(len(agents))
         for i, agent in enumerate(agents):
             d = directions[agent]
@@ -144,7 +146,8 @@ class ShrunkKKTAllocator(KKTAllocator):
 class CrossFitAllocator(BaseAllocator):
     """Thresholds and order decided on one half of the batch, steps on the other data (DESIGN §5.3b).
 
-    The batch is cut into two time halves ``A`` and ``B`` (which is which: the iteration's generator).
+    The batch is cut into two halves ``A`` and ``B``, of whole envs when the rollout has two or more, else
+    of time (which is which: the iteration's generator).
 
     1. On ``A`` alone (a sub-planner, ``M = A_hat``): each agent's direction ``x_i^A = CG(F_i^A, g_i^A)``,
        with ``decision_cg_max_steps`` conjugate-gradient steps (default half the planner's: the
@@ -206,7 +209,7 @@ class CrossFitAllocator(BaseAllocator):
 
     def cross_fitted_potentials(self, planner: TrustRegionPlanner, rng: np.random.Generator) -> dict[str, float]:
         """The deciding potential of every agent (steps 1-2), before any agent moves; remembers the held-out half."""
-        halves = split_samples(planner.n_samples, 2)
+        halves = split_samples(planner.n_samples, 2, n_envs=planner.n_envs)
         first = int(rng.integers(2))
         choose, self._held_out = halves[first], halves[1 - first]
         steps = self.decision_cg_max_steps or max(1, planner.cg_max_steps // 2)

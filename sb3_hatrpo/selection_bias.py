@@ -5,7 +5,9 @@ sees an *in-sample* improvement that is partly noise (winner's curse). :class:`S
 wraps any allocator and, every iteration, measures how much of that improvement survives on samples
 the decisions did not see:
 
-1. the batch is cut into two time halves; a copy of the wrapped allocator runs on half ``A`` alone
+1. the batch is cut into two halves, each of whole envs when the rollout has two envs or more
+   (independent trajectories over the same time steps; :func:`~sb3_hatrpo.trust_region.split_samples`),
+   else two time halves; a copy of the wrapped allocator runs on half ``A`` alone
    (its own planner: directions, choices, line searches, all from ``A``), with a copy of the
    iteration's generator;
 2. each step it committed is scored on ``A`` (its in-sample improvement ``I_i^A``, the line search's
@@ -64,7 +66,7 @@ class SelectionBiasProbe(BaseAllocator):
         """Steps 1-2 of the module docstring on ``planner``'s batch; every agent restored afterwards."""
         shadow_rng = copy.deepcopy(rng)
         torch_state = th.random.get_rng_state()
-        halves = split_samples(planner.n_samples, 2)
+        halves = split_samples(planner.n_samples, 2, n_envs=planner.n_envs)
         first = int(shadow_rng.integers(2))
         choosing = planner.subset(halves[first])
         held_out = planner.subset(halves[1 - first])  # built now: its old policy is the current one

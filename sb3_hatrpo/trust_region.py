@@ -96,15 +96,20 @@ class StepResult:
         return record
 
 
-def split_samples(n: int, n_folds: int, rng: np.random.Generator | None = None) -> list[th.Tensor]:
-    """Sample indices of ``n_folds`` folds of ``n`` samples.
+def split_samples(n: int, n_folds: int, rng: np.random.Generator | None = None, n_envs: int = 1) -> list[th.Tensor]:
+    """Sample indices of ``n_folds`` folds of a rollout of ``n`` samples in step-major order (``t * n_envs + env``).
 
-    Without ``rng``: contiguous blocks of the rollout's step-major order (``t * n_envs + env``), i.e.
-    time segments across all envs, so the folds share few episodes and their noise is close to
-    independent. With ``rng``: a random partition (folds then share episodes: correlated).
+    * ``n_envs >= n_folds`` (and ``n`` a multiple of ``n_envs``): whole envs per fold (env ``e`` in fold
+      ``e * n_folds // n_envs``), so the folds are independent trajectories over the same time steps;
+    * otherwise, without ``rng``: contiguous time blocks across all envs (folds share few episodes, but
+      cover different phases of them);
+    * with ``rng``: a random partition (folds share episodes: their noise is correlated).
     """
     if not 1 <= n_folds <= n:
         raise ValueError(f"need 1 <= n_folds <= n samples, got n_folds={n_folds}, n={n}")
+    if rng is None and n_envs >= n_folds and n % n_envs == 0:
+        group = (th.arange(n) % n_envs) * n_folds // n_envs
+        return [th.nonzero(group == k).flatten() for k in range(n_folds)]
     order = th.as_tensor(rng.permutation(n)) if rng is not None else th.arange(n)
     return list(th.tensor_split(order, n_folds))
 
@@ -226,6 +231,8 @@ class TrustRegionPlanner:
     :param line_search_max_iter: step sizes tried before giving up
     :param line_search_accept_ratio: also require actual improvement > ratio * predicted improvement of the
         tried step (HARL's ``accept_ratio``, 0.5); 0 accepts any positive improvement within the threshold
+    :param n_envs: envs interleaved in the samples' step-major order (``t * n_envs + env``); folds of the
+        noise-aware allocators and the held-out probe then keep whole envs (:func:`split_samples`)
     :param krylov_rtol: recomputed directions start from the agent's earlier Krylov basis and add
         CG steps only while the relative residual ``||g - F x|| / ||g||`` exceeds this (see the module
         docstring); ``None`` solves every direction from scratch
@@ -247,8 +254,10 @@ class TrustRegionPlanner:
         line_search_max_iter: int = 10,
         line_search_accept_ratio: float = 0.0,
         krylov_rtol: float | None = 0.05,
+        n_envs: int = 1,
     ) -> None:
         check_krylov_rtol(krylov_rtol)
+        self.n_envs = n_envs
         self.agents = list(actors)
         self.line_search_accept_ratio = line_search_accept_ratio
         self.krylov_rtol = krylov_rtol
@@ -350,8 +359,9 @@ class TrustRegionPlanner:
         normalised over the subset's own samples when this planner normalises them. Used by the
         cross-fitted allocator (decisions on one half of the batch) and the held-out probe.
 
-        :param index: sample indices (a :func:`split_samples` fold)
-        :param overrides: settings to change (e.g. ``cg_max_steps``)
+        :param index: sample indices in increasing order (a :func:`split_samples` fold)
+        :param overrides: settings to change (e.g. ``cg_max_steps``); ``n_envs`` defaults to the envs
+            the subset keeps whole, if it is a fold of whole envs, else 1
         """
         if self.updated:
             raise RuntimeError("a subset planner must be built before any agent moves")
@@ -365,6 +375,9 @@ class TrustRegionPlanner:
             line_search_accept_ratio=self.line_search_accept_ratio,
             krylov_rtol=self.krylov_rtol,
         )
+        kept_envs = th.unique(index % self.n_envs).numel() if self.n_envs > 1 else 1
+        whole_envs = kept_envs > 1 and index.numel() == kept_envs * (self.n_samples // self.n_envs)
+        settings["n_envs"] = kept_envs if whole_envs else 1
         settings.update(overrides)
         data = self._data
         return TrustRegionPlanner(

@@ -179,6 +179,19 @@ def test_split_samples():
     assert sorted(th.cat(shuffled).tolist()) == list(range(10))
     with pytest.raises(ValueError):
         split_samples(3, 4)
+    # 4 envs interleaved step-major (t * 4 + env): two folds of two whole envs each
+    by_env = split_samples(12, 2, n_envs=4)
+    assert [f.tolist() for f in by_env] == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]]
+    assert [f.tolist() for f in split_samples(12, 4, n_envs=4)][1] == [1, 5, 9]
+    assert [f.tolist() for f in split_samples(12, 3, n_envs=2)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_subset_of_whole_envs_keeps_its_env_layout():
+    actors, obs, actions, alive, advantages = make_problem(n_agents=2, n=240, seed=0)
+    planner = planner_for((actors, obs, actions, alive, advantages), total_kl=0.02, n_envs=4)
+    halves = split_samples(planner.n_samples, 2, n_envs=planner.n_envs)
+    assert planner.subset(halves[0]).n_envs == 2
+    assert planner.subset(th.arange(100)).n_envs == 1  # a time block: no env layout
 
 
 # ------------------------------------------------------------------ the held-out probe
