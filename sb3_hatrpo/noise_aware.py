@@ -25,6 +25,7 @@ import math
 from typing import ClassVar
 
 import numpy as np
+import torch as th
 
 from sb3_hatrpo.allocators import (
     BaseAllocator,
@@ -207,11 +208,13 @@ class CrossFitAllocator(BaseAllocator):
         self.step_on = step_on
         self.tie_break = tie_break
 
-    def cross_fitted_potentials(self, planner: TrustRegionPlanner, rng: np.random.Generator) -> dict[str, float]:
-        """The deciding potential of every agent (steps 1-2), before any agent moves; remembers the held-out half."""
+    def cross_fitted_potentials(
+        self, planner: TrustRegionPlanner, rng: np.random.Generator
+    ) -> tuple[dict[str, float], th.Tensor]:
+        """The deciding potential of every agent (steps 1-2), before any agent moves, and the held-out half."""
         halves = split_samples(planner.n_samples, 2, n_envs=planner.n_envs)
         first = int(rng.integers(2))
-        choose, self._held_out = halves[first], halves[1 - first]
+        choose, held_out = halves[first], halves[1 - first]
         steps = self.decision_cg_max_steps or max(1, planner.cg_max_steps // 2)
         deciding = planner.subset(choose, cg_max_steps=steps)
         potentials = {}
@@ -223,17 +226,17 @@ class CrossFitAllocator(BaseAllocator):
             if self.potential == "half":
                 potentials[agent] = d.potential
                 continue
-            slope = float(planner.fold_slopes(agent, d.direction, [self._held_out])[0])  # g^B . x^A
+            slope = float(planner.fold_slopes(agent, d.direction, [held_out])[0])  # g^B . x^A
             potentials[agent] = max(0.0, slope) / math.sqrt(d.curvature)
-        return potentials
+        return potentials, held_out
 
     def update_agents(self, planner: TrustRegionPlanner, rng: np.random.Generator) -> list[StepResult]:
-        potentials = self.cross_fitted_potentials(planner, rng)
+        potentials, held_out = self.cross_fitted_potentials(planner, rng)
         min_kl = self.min_kl_fraction * planner.total_kl / planner.n_agents
         values = kkt_thresholds([potentials[a] for a in planner.agents], planner.total_kl, min_kl)
         thresholds = dict(zip(planner.agents, values.tolist()))
         order = rank(potentials, self.tie_break, rng)
-        stepping = planner if self.step_on == "full" else planner.subset(self._held_out)
+        stepping = planner if self.step_on == "full" else planner.subset(held_out)
         results = [stepping.step(stepping.direction(agent), thresholds[agent]) for agent in order]
         self._diagnostics = {"cross_fit/zero_potentials": float(sum(v == 0.0 for v in potentials.values()))}
         return results

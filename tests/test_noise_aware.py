@@ -131,7 +131,7 @@ def test_cross_fitted_potential_of_an_irrelevant_agent_is_not_inflated_by_noise(
     for seed in range(12):
         planner = planner_for(weighted_problem([0.0, 1.0], n=128, seed=seed), total_kl=0.02)
         in_sample.append(planner.direction("agent_0").potential)
-        potentials = CrossFitAllocator().cross_fitted_potentials(planner, np.random.default_rng(seed))
+        potentials, _ = CrossFitAllocator().cross_fitted_potentials(planner, np.random.default_rng(seed))
         cross.append(potentials["agent_0"])
         relevant.append(potentials["agent_1"])
     assert np.mean(cross) < 0.5 * np.mean(in_sample)
@@ -142,9 +142,9 @@ def test_cross_fit_half_potential_is_the_deciding_halfs_own():
     planner = planner_for(make_problem(n_agents=2, seed=0), total_kl=0.02)
     allocator = CrossFitAllocator(potential="half")
     th.manual_seed(5)
-    potentials = allocator.cross_fitted_potentials(planner, np.random.default_rng(1))
+    potentials, held_out = allocator.cross_fitted_potentials(planner, np.random.default_rng(1))
     halves = split_samples(planner.n_samples, 2)
-    choose = halves[1] if th.equal(allocator._held_out, halves[0]) else halves[0]
+    choose = halves[1] if th.equal(held_out, halves[0]) else halves[0]
     th.manual_seed(5)
     deciding = planner.subset(choose, cg_max_steps=planner.cg_max_steps // 2)
     for agent in planner.agents:
