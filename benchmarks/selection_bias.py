@@ -12,6 +12,8 @@ survives, the KL the half-batch run spent, and the held-out improvement per unit
     python benchmarks/selection_bias.py --env mamujoco:HalfCheetah-2x3 --rollouts 10 --warmup-steps 100000
 
 Results are written to ``benchmarks/results/selection_bias/<env>.json`` (``--report`` reprints them).
+``--potentials`` instead records every agent's in-sample, shrunk (``kkt-shrink``) and cross-fitted
+(``cross-fit``) potential per rollout, into ``<env>_potentials.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch as th
 from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_hatrpo import HATRPO
+from sb3_hatrpo.noise_aware import CrossFitAllocator, ShrunkKKTAllocator
 from sb3_hatrpo.selection_bias import SelectionBiasProbe
 
 try:  # run as a script (python benchmarks/selection_bias.py) or as a module
@@ -71,6 +74,51 @@ def measure(env_id: str, rollouts: int, warmup_steps: int, seed: int) -> dict[st
     return figures
 
 
+def potentials(env_id: str, rollouts: int, warmup_steps: int, seed: int) -> list[dict[str, Any]]:
+    """Per rollout, every agent's in-sample potential, its shrunk value (``kkt-shrink``) and its
+    cross-fitted value (``cross-fit``, full CG steps), with the model trained as :func:`measure`."""
+    settings, n_envs = zoo_settings(env_id)
+    model = HATRPO("MlpPolicy", env_id, n_envs=n_envs, seed=seed, allocator="uniform", **settings)
+    model.learn(max(warmup_steps, 1))
+    rows = []
+    for k in range(rollouts):
+        callback = CallbackList([])
+        callback.init_callback(model)
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)  # type: ignore[arg-type]
+        data = model.rollout_buffer.get()
+        planner = model.make_planner(data)
+        directions = {a: planner.direction(a) for a in planner.agents}
+        shrink = ShrunkKKTAllocator()
+        shrunk = shrink.adjust_potentials(planner, directions, np.random.default_rng([seed, k]))
+        cross_fit = CrossFitAllocator(decision_cg_max_steps=model.cg_max_steps)
+        cross, _ = cross_fit.cross_fitted_potentials(model.make_planner(data), np.random.default_rng([seed, k]))
+        rows.append(
+            {
+                "in_sample": [directions[a].potential for a in planner.agents],
+                "shrunk": [shrunk[a] for a in planner.agents],
+                "cross_fitted": [cross[a] for a in planner.agents],
+                **shrink.diagnostics,
+            }
+        )
+        model.train()
+        print(f"rollout {k + 1}/{rollouts}: {rows[-1]}", flush=True)
+    return rows
+
+
+def potentials_table(env_id: str, rows: list[dict[str, Any]]) -> str:
+    mean = {key: float(np.mean([np.mean(r[key]) for r in rows])) for key in ("in_sample", "shrunk", "cross_fitted")}
+    spread = {key: float(np.mean([np.std(r[key]) for r in rows])) for key in ("in_sample", "cross_fitted")}
+    zeros = float(np.mean([np.mean(np.array(r["cross_fitted"]) == 0.0) for r in rows]))
+    weight = float(np.mean([r["shrink/mean_weight"] for r in rows]))
+    noise = float(np.mean([r["shrink/noise_to_spread"] for r in rows]))
+    return (
+        f"{env_id}, {len(rows)} rollouts (means over rollouts of the mean and the std across agents):\n"
+        f"in-sample potential {mean['in_sample']:.3f} (spread {spread['in_sample']:.3f}); "
+        f"cross-fitted {mean['cross_fitted']:.3f} (spread {spread['cross_fitted']:.3f}, "
+        f"{zeros:.0%} clipped at 0); kkt-shrink weight {weight:.2f}, noise / spread {noise:.2f}"
+    )
+
+
 def mean_se(values: list[float]) -> str:
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
     return f"{statistics.mean(values):.4f} ± {se:.4f}"
@@ -107,8 +155,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="reprint the stored results, measure nothing")
+    parser.add_argument(
+        "--potentials", action="store_true", help="in-sample, shrunk and cross-fitted potentials per rollout instead"
+    )
     args = parser.parse_args()
     th.set_num_threads(1)
+    if args.potentials:
+        path = args.results / f"{args.env.replace(':', '_')}_potentials.json"
+        rows = (
+            json.loads(path.read_text())
+            if args.report
+            else potentials(args.env, args.rollouts, args.warmup_steps, args.seed)
+        )
+        args.results.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1))
+        print(potentials_table(args.env, rows))
+        return
     path = args.results / f"{args.env.replace(':', '_')}.json"
     if args.report:
         print(table(args.env, json.loads(path.read_text())["figures"]))

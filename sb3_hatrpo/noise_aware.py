@@ -100,7 +100,9 @@ class ShrunkKKTAllocator(KKTAllocator):
     :param min_kl_fraction: see :class:`~sb3_hatrpo.allocators.KKTAllocator`
     :param pass_unused_budget: see :class:`~sb3_hatrpo.allocators.KKTAllocator`
     :param potential_smoothing: see :class:`~sb3_hatrpo.allocators.KKTAllocator` (applied after shrinkage)
-    :param tie_break: see :class:`~sb3_hatrpo.allocators.KKTAllocator`
+    :param tie_break: see :class:`~sb3_hatrpo.allocators.KKTAllocator`; ``"random"`` by default here,
+        because full shrinkage makes every potential exactly the mean, and ``"order"`` would then
+        always move ``possible_agents[0]`` first where uniform HATRPO draws a random order
     """
 
     name = "kkt-shrink"
@@ -112,7 +114,7 @@ class ShrunkKKTAllocator(KKTAllocator):
         min_kl_fraction: float = 0.5,
         pass_unused_budget: bool = False,
         potential_smoothing: float = 0.0,
-        tie_break: str = "order",
+        tie_break: str = "random",
     ) -> None:
         super().__init__(min_kl_fraction, pass_unused_budget, potential_smoothing, tie_break)
         if n_folds < 2:
@@ -177,7 +179,8 @@ class CrossFitAllocator(BaseAllocator):
     :param min_kl_fraction: floor ``delta_min = min_kl_fraction * delta_total / n`` (as KKT)
     :param potential: ``"cross"`` (``c^cf``, default) or ``"half"`` (``c^A``)
     :param step_on: ``"full"`` (default) or ``"held-out"``
-    :param tie_break: among equal potentials, ``"order"`` (``possible_agents``) or ``"random"``
+    :param tie_break: among equal potentials, ``"random"`` (default: cross-fitted potentials clipped at
+        0 tie often) or ``"order"`` (``possible_agents``)
     :param decision_cg_max_steps: CG steps of the half-batch directions; ``None``: half the planner's
     """
 
@@ -190,7 +193,7 @@ class CrossFitAllocator(BaseAllocator):
         min_kl_fraction: float = 0.5,
         potential: str = "cross",
         step_on: str = "full",
-        tie_break: str = "order",
+        tie_break: str = "random",
         decision_cg_max_steps: int | None = None,
     ) -> None:
         if decision_cg_max_steps is not None and decision_cg_max_steps < 1:

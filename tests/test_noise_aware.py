@@ -244,3 +244,15 @@ def test_noise_aware_allocators_train_and_log(allocator):
     if isinstance(allocator, SelectionBiasProbe):
         assert {"selection/in_sample", "selection/held_out"} <= set(model.allocator.diagnostics)
         assert "train/selection/held_out" in model.logger.name_to_value
+
+
+def test_fully_shrunk_potentials_give_uniform_thresholds_in_a_random_order():
+    firsts = set()
+    for seed in range(10):
+        planner = planner_for(identical_problem(n_agents=3), total_kl=0.03)
+        allocator = ShrunkKKTAllocator()
+        results = allocator.update_agents(planner, np.random.default_rng(seed))
+        np.testing.assert_allclose([r.threshold for r in results], 0.01, rtol=1e-5)
+        firsts.add(results[0].agent)
+    assert allocator.diagnostics["shrink/mean_weight"] == pytest.approx(0.0)
+    assert len(firsts) > 1  # not always possible_agents[0], as tie_break="order" would do
