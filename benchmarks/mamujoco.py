@@ -18,6 +18,8 @@ Settings: the zoo config's entry for each env (``zoo_configs/hatrpo.yml``, HARL'
 the one source of tuned settings; a variant only adds its own overrides. Every ``--eval-every``
 steps the model is evaluated deterministically (5 episodes) into ``eval.jsonl``;
 ``--report-evals`` prints those returns per variant and step (mean and per seed).
+``--study-report`` prints issue #8's table (Welch and bootstrap 95% CIs of the difference to uniform,
+stuck seeds, KL spent / budget); the study's command lines are in ``docs/reproduction.md`` §4.3.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"line_search_accept_ratio": 0.5, "policy_kwargs": {"std_parametrization": "sigmoid"}},
     ),
     "package-defaults": ("uniform", {}),  # no zoo settings at all (see variant_kwargs)
+    # Issue #8, the tuned-base study: greedy's bias fixes (ratio at a common step fraction, random ties)
+    # and the noise-aware allocators (sb3_hatrpo.noise_aware), all with the package's krylov_rtol.
+    "greedy-fair": ("greedy", {"allocator_kwargs": {"ratio": "common-fraction", "tie_break": "random"}}),
+    "kkt-shrink": ("kkt-shrink", {}),
+    "cross-fit": ("cross-fit", {}),
 }
 
 
@@ -296,6 +303,87 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
     return "\n".join(lines)
 
 
+def difference_cis(
+    values: list[float], base: list[float], n_boot: int = 10_000, seed: int = 0
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """95% CIs of ``mean(values) - mean(base)`` in % of ``|mean(base)|``: Welch's t and a percentile bootstrap.
+
+    Welch: ``d +- t_{0.975, nu} sqrt(s1^2/n1 + s2^2/n2)`` with the Welch-Satterthwaite ``nu``. Bootstrap:
+    seeds resampled with replacement within each group, ``n_boot`` times. ``nan`` with fewer than 2 seeds
+    in a group.
+    """
+    from scipy import stats
+
+    a, b = np.asarray(values, dtype=float), np.asarray(base, dtype=float)
+    nan = (float("nan"), float("nan"))
+    if len(a) < 2 or len(b) < 2 or np.mean(b) == 0:
+        return nan, nan
+    scale = 100.0 / abs(np.mean(b))
+    diff = np.mean(a) - np.mean(b)
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = np.sqrt(va + vb)
+    nu = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else 1.0
+    half = float(stats.t.ppf(0.975, nu) * se)
+    rng = np.random.default_rng(seed)
+    boot_a = rng.choice(a, (n_boot, len(a))).mean(axis=1)
+    boot_b = rng.choice(b, (n_boot, len(b))).mean(axis=1)
+    boot = (boot_a - boot_b) * 100.0 / np.abs(boot_b).clip(min=1e-12)
+    welch = (float((diff - half) * scale), float((diff + half) * scale))
+    return welch, (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+
+
+def study_report(
+    results: Path, envs: list[str], variants: list[str], seeds: list[int], stuck_fraction: float = 0.5
+) -> str:
+    """Issue #8's table: per task and variant, final eval return mean ± std over seeds, the difference to
+    uniform with Welch and bootstrap 95% CIs, the fraction of stuck seeds (final return below
+    ``stuck_fraction`` times uniform's median on the task) and the KL spent / budget."""
+    final_path = results / "final.jsonl"
+    final = [json.loads(line) for line in final_path.read_text().splitlines()] if final_path.exists() else []
+    lines = [
+        f"| env | variant | seeds | final eval return (mean ± std) | vs uniform | 95% CI (Welch) | 95% CI (bootstrap) "
+        f"| stuck seeds (< {stuck_fraction:.0%} of uniform's median) | KL spent / budget |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for env_id in envs:
+        finals = {
+            v: [
+                r["eval_return_mean"]
+                for r in final
+                if r["env"] == env_id and r["allocator"] == v and (not seeds or r["seed"] in seeds)
+            ]
+            for v in variants
+        }
+        base = finals.get("uniform", [])
+        # stuck needs a positive reference: with uniform's median <= 0 (no learning yet) it is undefined
+        threshold = stuck_fraction * float(np.median(base)) if base and np.median(base) > 0 else float("nan")
+        for variant in variants:
+            values = finals[variant]
+            progress = [p for s in seeds for p in load_progress(results, env_id, variant, s)]
+            spent = (
+                np.mean([sum(r["kl"] for r in p["allocation"]) for p in progress])
+                / (zoo_settings(env_id)[0]["target_kl"] * len(progress[0]["allocation"]))
+                if progress
+                else float("nan")
+            )
+            kl_cell = f"{spent:.0%}" if np.isfinite(spent) else "n/a"  # n/a: no iteration recorded yet
+            if not values:
+                lines.append(f"| {env_id} | {variant} | 0 | running | | | | | {kl_cell} |")
+                continue
+            gain, welch, boot = "", "", ""
+            if base and variant != "uniform":
+                gain = f"{100 * (np.mean(values) - np.mean(base)) / abs(np.mean(base)):+.1f}%"
+                (w_lo, w_hi), (b_lo, b_hi) = difference_cis(values, base)
+                welch, boot = f"{w_lo:+.0f}% .. {w_hi:+.0f}%", f"{b_lo:+.0f}% .. {b_hi:+.0f}%"
+            stuck = f"{sum(v < threshold for v in values)}/{len(values)}" if np.isfinite(threshold) else "n/a"
+            spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+            lines.append(
+                f"| {env_id} | {variant} | {len(values)} | {np.mean(values):.0f} ± {spread:.0f} "
+                f"| {gain} | {welch} | {boot} | {stuck} | {kl_cell} |"
+            )
+    return "\n".join(lines)
+
+
 def report_evals(results: Path, envs: list[str], variants: list[str], seeds: list[int]) -> str:
     """Markdown table: deterministic eval return at each evaluation step, mean over seeds and per seed."""
     lines = ["| env | variant | steps | seeds | mean ± std | per seed |", "|---|---|---|---|---|---|"]
@@ -393,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--n-workers", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="print the table and draw the curves, train nothing")
+    parser.add_argument(
+        "--study-report",
+        action="store_true",
+        help="issue #8's table: Welch and bootstrap CIs of the difference to uniform, stuck seeds, KL spent",
+    )
+    parser.add_argument("--stuck-fraction", type=float, default=0.5, help="stuck: below this times uniform's median")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -401,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.compare_harl:
         print(compare_harl(args.results, args.allocators[0], args.seeds, args.harl_reference))
+        return
+    if args.study_report:
+        print(study_report(args.results, args.envs, args.allocators, args.seeds, args.stuck_fraction))
         return
     if args.report_evals:
         print(report_evals(args.results, args.envs, args.allocators, args.seeds))

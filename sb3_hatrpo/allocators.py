@@ -72,6 +72,37 @@ def kkt_thresholds(potentials: np.ndarray | list[float], total_kl: float, min_kl
     return np.full(n, total_kl / n)
 
 
+TIE_BREAKS = ("order", "random")
+
+
+def check_tie_break(tie_break: str) -> None:
+    """``ValueError`` unless ``tie_break`` is one of :data:`TIE_BREAKS`."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+
+
+def candidate_order(agents: list[str], tie_break: str, rng: np.random.Generator) -> list[str]:
+    """The order in which equal scores are resolved: ``"order"`` keeps ``agents`` (``possible_agents``,
+    the package's original behaviour: the first agent wins every tie), ``"random"`` permutes them with
+    the iteration's generator so no agent is favoured by its position."""
+    if tie_break == "random":
+        return [agents[i] for i in rng.permutation(len(agents))]
+    return list(agents)
+
+
+def rank(scores: dict[str, float], tie_break: str, rng: np.random.Generator) -> list[str]:
+    """Agents by descending score, ties resolved by :func:`candidate_order`.
+
+    With ``"random"``, scores equal to 6 significant digits are ties: conjugate gradient starts from a
+    tiny random vector, so identical agents get potentials that differ around the 8th digit, which
+    would otherwise decide every tie.
+    """
+    pool = candidate_order(list(scores), tie_break, rng)
+    if tie_break == "random":
+        return sorted(pool, key=lambda a: -float(f"{scores[a]:.6g}"))
+    return sorted(pool, key=lambda a: -scores[a])  # stable: the first of equal scores stays first
+
+
 class BaseAllocator(ABC):
     """Decides, every iteration, each agent's KL threshold and the order of the updates.
 
@@ -109,6 +140,11 @@ class BaseAllocator(ABC):
         :param rng: the algorithm's generator (seeded with the model), for random orders
         :return: one result per agent, in update order
         """
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """Figures of the last iteration beyond the per-agent records, logged as ``train/<key>`` (default none)."""
+        return dict(getattr(self, "_diagnostics", {}))
 
     def get_config(self) -> dict[str, Any]:
         """Options of this allocator, for logs and configs (public attributes by default)."""
@@ -158,13 +194,21 @@ class KKTAllocator(BaseAllocator):
         move with what is left of the budget (the line search rarely spends all of a threshold)
     :param potential_smoothing: exponential moving average of each agent's potential across
         iterations, ``c <- smoothing * c_prev + (1 - smoothing) * c``; 0 is the paper's version
+    :param tie_break: order among equal potentials: ``"order"`` (``possible_agents``, a stable sort:
+        the package's original behaviour) or ``"random"`` (the iteration's generator)
     """
 
     name = "kkt"
 
     def __init__(
-        self, min_kl_fraction: float = 0.5, pass_unused_budget: bool = False, potential_smoothing: float = 0.0
+        self,
+        min_kl_fraction: float = 0.5,
+        pass_unused_budget: bool = False,
+        potential_smoothing: float = 0.0,
+        tie_break: str = "order",
     ) -> None:
+        check_tie_break(tie_break)
+        self.tie_break = tie_break
         if not 0.0 <= min_kl_fraction <= 1.0:
             raise ValueError(f"min_kl_fraction must be in [0, 1], got {min_kl_fraction}")
         if not 0.0 <= potential_smoothing < 1.0:
@@ -183,15 +227,24 @@ class KKTAllocator(BaseAllocator):
             self._smoothed[agent] = c if previous is None else beta * previous + (1 - beta) * c
         return {agent: self._smoothed[agent] for agent in potentials}
 
+    def adjust_potentials(
+        self, planner: TrustRegionPlanner, directions: dict[str, SearchDirection], rng: np.random.Generator
+    ) -> dict[str, float]:
+        """The potentials the thresholds and the order are computed from: the directions' own here.
+
+        Noise-aware subclasses (:mod:`sb3_hatrpo.noise_aware`) replace them, e.g. by shrunk estimates.
+        """
+        return {a: d.potential for a, d in directions.items()}
+
     def update_agents(self, planner: TrustRegionPlanner, rng: np.random.Generator) -> list[StepResult]:
         n = planner.n_agents
         directions: dict[str, SearchDirection] = {a: planner.direction(a) for a in planner.agents}
-        potentials = self._smooth({a: d.potential for a, d in directions.items()})
+        potentials = self._smooth(self.adjust_potentials(planner, directions, rng))
         min_kl = self.min_kl_fraction * planner.total_kl / n
         thresholds = dict(
             zip(planner.agents, kkt_thresholds([potentials[a] for a in planner.agents], planner.total_kl, min_kl))
         )
-        order = sorted(planner.agents, key=lambda a: -potentials[a])
+        order = rank({a: potentials[a] for a in planner.agents}, self.tie_break, rng)
         remaining_budget = planner.total_kl
         results = []
         for position, agent in enumerate(order):
@@ -213,22 +266,75 @@ class GreedyAllocator(BaseAllocator):
     """HATRPO-G: agents picked one at a time by improvement-to-divergence ratio (DESIGN §5.3).
 
     With budget ``B`` and remaining agents ``R``: every ``j`` in ``R`` tries a step with threshold
-    ``B / |R|`` (parameters restored), giving improvement ``I_j`` and KL ``k_j``, ratio
-    ``rho_j = I_j / (k_j + eps)``. The best agent with ``I_j > 0`` moves with threshold
-    ``B rho_j / sum_{I > 0} rho``; ``B`` loses its realised KL; repeat. Agents with no improving
-    step keep their old policies this iteration.
+    ``B / |R|`` (parameters restored), giving improvement ``I_j``, KL ``k_j`` and accepted step
+    fraction ``alpha_j`` (``beta^m`` after ``m`` backtracks). The best agent by its ratio ``rho_j``
+    among those with ``I_j > 0`` moves with threshold ``B rho_j / sum_{I > 0} rho``; ``B`` loses its
+    realised KL; repeat. Agents with no improving step keep their old policies this iteration.
+
+    The ratio (``ratio=``):
+
+    * ``"paper"``: ``rho_j = I_j / (k_j + eps)``, the paper's rule. Along one direction ``I`` grows like
+      ``alpha`` and ``k`` like ``alpha^2``, so ``rho_j ~ 1 / alpha_j``: every backtrack multiplies an
+      agent's ratio by ``1 / beta`` and the rule favours agents whose quadratic model failed (DESIGN §5.3).
+    * ``"fraction-corrected"``: ``rho_j = alpha_j I_j / (k_j + eps)``, the ratio brought back to the
+      full step (``alpha = 1``) under the same first/second-order scaling: with ``I = alpha r p``
+      (``p`` the predicted improvement, ``r`` the realised share of it) and ``k = alpha^2 delta`` it
+      is ``r p / delta``, which credits a step for how much of its prediction it realised, not for
+      having backtracked. No extra cost.
+    * ``"common-fraction"``: every eligible candidate re-measured (no acceptance test) at the smallest
+      accepted fraction ``alpha* = min_j alpha_j``: ``rho_j = I_j(alpha*) / (k_j(alpha*) + eps)``. One
+      extra surrogate/KL evaluation per candidate that backtracked less, no Fisher-vector product.
 
     Directions and candidate steps are reused while no agent has moved (after a rejected step).
 
     :param eps: added to the KL in the ratio, so a tiny step cannot get an unbounded ratio
+    :param ratio: ``"paper"`` (default), ``"fraction-corrected"`` or ``"common-fraction"``
+    :param tie_break: among equal ratios, ``"order"`` (``possible_agents``: the first wins, the
+        package's original behaviour) or ``"random"`` (the iteration's generator)
     """
 
     name = "greedy"
+    RATIOS: ClassVar[tuple[str, ...]] = ("paper", "fraction-corrected", "common-fraction")
 
-    def __init__(self, eps: float = 1e-8) -> None:
+    def __init__(self, eps: float = 1e-8, ratio: str = "paper", tie_break: str = "order") -> None:
         if eps <= 0:
             raise ValueError(f"eps must be positive, got {eps}")
+        if ratio not in self.RATIOS:
+            raise ValueError(f"ratio must be one of {self.RATIOS}, got {ratio!r}")
+        check_tie_break(tie_break)
         self.eps = eps
+        self.ratio = ratio
+        self.tie_break = tie_break
+
+    def _ratios(
+        self,
+        planner: TrustRegionPlanner,
+        remaining: list[str],
+        directions: dict[str, SearchDirection],
+        candidates: dict[str, StepResult],
+    ) -> dict[str, float]:
+        """``rho_j`` of every candidate with an accepted, improving step."""
+        eligible = [a for a in remaining if candidates[a].accepted and candidates[a].improvement > 0]
+        if self.ratio == "paper":
+            return {a: candidates[a].improvement / (candidates[a].kl + self.eps) for a in eligible}
+        if self.ratio == "fraction-corrected":
+            return {
+                a: candidates[a].step_fraction * candidates[a].improvement / (candidates[a].kl + self.eps)
+                for a in eligible
+            }
+        if not eligible:
+            return {}
+        common = min(candidates[a].step_fraction for a in eligible)
+        ratios = {}
+        for a in eligible:
+            c = candidates[a]
+            if c.step_fraction == common:
+                improvement, kl = c.improvement, c.kl
+            else:
+                improvement, kl = planner.measure(directions[a], c.threshold, common)
+            if improvement > 0:
+                ratios[a] = improvement / (kl + self.eps)
+        return ratios
 
     def update_agents(self, planner: TrustRegionPlanner, rng: np.random.Generator) -> list[StepResult]:
         budget = planner.total_kl
@@ -245,14 +351,10 @@ class GreedyAllocator(BaseAllocator):
                 cached = candidates.get(agent)
                 if cached is None or cached.threshold != share:
                     candidates[agent] = planner.step(directions[agent], share, commit=False)
-            ratios = {
-                a: candidates[a].improvement / (candidates[a].kl + self.eps)
-                for a in remaining
-                if candidates[a].accepted and candidates[a].improvement > 0
-            }
+            ratios = self._ratios(planner, remaining, directions, candidates)
             if not ratios:
                 break
-            chosen = max(ratios, key=lambda a: ratios[a])
+            chosen = rank(ratios, self.tie_break, rng)[0]
             threshold = min(budget, budget * ratios[chosen] / sum(ratios.values()))
             result = planner.step(directions[chosen], threshold)
             results.append(result)
@@ -290,3 +392,10 @@ def make_allocator(allocator: str | BaseAllocator, allocator_kwargs: dict[str, A
         return cls(**(allocator_kwargs or {}))
     except TypeError as error:
         raise ValueError(f"Bad allocator_kwargs for {cls.__name__}: {error}") from error
+
+
+# The noise-aware allocators (beyond the paper) live in their own module and register here. Imported
+# last: sb3_hatrpo.noise_aware subclasses the classes above.
+from sb3_hatrpo.noise_aware import CrossFitAllocator, ShrunkKKTAllocator  # noqa: E402
+
+ALLOCATORS.update({"kkt-shrink": ShrunkKKTAllocator, "cross-fit": CrossFitAllocator})

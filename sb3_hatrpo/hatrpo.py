@@ -487,6 +487,7 @@ class HATRPO(OnPolicyAlgorithm):
             line_search_shrinking_factor=self.line_search_shrinking_factor,
             line_search_max_iter=self.line_search_max_iter,
             krylov_rtol=self.krylov_rtol,
+            n_envs=self.n_envs,  # folds of whole envs for the noise-aware allocators
         )
         settings.update(overrides)
         actors = {agent: self.policy.actor(agent) for agent in self.policy.agents}
@@ -529,6 +530,8 @@ class HATRPO(OnPolicyAlgorithm):
             "train/explained_variance",
             float(explained_variance(data.values.cpu().numpy(), data.returns.cpu().numpy())),
         )
+        for key, value in self.allocator.diagnostics.items():  # e.g. SelectionBiasProbe's held-out figures
+            self.logger.record(f"train/{key}", value)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
     def learn(

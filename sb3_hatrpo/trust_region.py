@@ -35,7 +35,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any
 
+import numpy as np
 import torch as th
 from sb3_contrib.common.utils import conjugate_gradient_solver, flat_grad
 from stable_baselines3.common.distributions import Distribution, kl_divergence
@@ -92,6 +94,24 @@ class StepResult:
         record = asdict(self)
         record["position"] = position
         return record
+
+
+def split_samples(n: int, n_folds: int, rng: np.random.Generator | None = None, n_envs: int = 1) -> list[th.Tensor]:
+    """Sample indices of ``n_folds`` folds of a rollout of ``n`` samples in step-major order (``t * n_envs + env``).
+
+    * ``n_envs >= n_folds`` (and ``n`` a multiple of ``n_envs``): whole envs per fold (env ``e`` in fold
+      ``e * n_folds // n_envs``), so the folds are independent trajectories over the same time steps;
+    * otherwise, without ``rng``: contiguous time blocks across all envs (folds share few episodes, but
+      cover different phases of them);
+    * with ``rng``: a random partition (folds share episodes: their noise is correlated).
+    """
+    if not 1 <= n_folds <= n:
+        raise ValueError(f"need 1 <= n_folds <= n samples, got n_folds={n_folds}, n={n}")
+    if rng is None and n_envs >= n_folds and n % n_envs == 0:
+        group = (th.arange(n) % n_envs) * n_folds // n_envs
+        return [th.nonzero(group == k).flatten() for k in range(n_folds)]
+    order = th.as_tensor(rng.permutation(n)) if rng is not None else th.arange(n)
+    return list(th.tensor_split(order, n_folds))
 
 
 def mean_kl(old: Distribution, new: Distribution, alive: th.Tensor) -> th.Tensor:
@@ -240,6 +260,8 @@ class TrustRegionPlanner:
     :param line_search_max_iter: step sizes tried before giving up
     :param line_search_accept_ratio: also require actual improvement > ratio * predicted improvement of the
         tried step (HARL's ``accept_ratio``, 0.5); 0 accepts any positive improvement within the threshold
+    :param n_envs: envs interleaved in the samples' step-major order (``t * n_envs + env``); folds of the
+        noise-aware allocators and the held-out probe then keep whole envs (:func:`split_samples`)
     :param krylov_rtol: recomputed directions start from the agent's earlier Krylov basis and add
         CG steps only while the relative residual ``||g - F x|| / ||g||`` exceeds this (see the module
         docstring); ``None`` solves every direction from scratch
@@ -261,8 +283,10 @@ class TrustRegionPlanner:
         line_search_max_iter: int = 10,
         line_search_accept_ratio: float = 0.0,
         krylov_rtol: float | None = 0.05,
+        n_envs: int = 1,
     ) -> None:
         check_krylov_rtol(krylov_rtol)
+        self.n_envs = n_envs
         self.agents = list(actors)
         self.line_search_accept_ratio = line_search_accept_ratio
         self.krylov_rtol = krylov_rtol
@@ -271,6 +295,7 @@ class TrustRegionPlanner:
         self.cg_damping = cg_damping
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
+        self.normalize_advantage = normalize_advantage
         advantages = advantages.detach()
         self._data = {
             a: _AgentData(
@@ -353,6 +378,108 @@ class TrustRegionPlanner:
         correction = conjugate_gradient_solver(fvp, residual, max_iter=self.cg_max_steps, residual_tol=tolerance**2)
         direction = (start + correction).detach()
         return direction, fvp(direction).detach()
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.advantages.shape[0])
+
+    def subset(self, index: th.Tensor, **overrides: Any) -> TrustRegionPlanner:
+        """A planner on the samples ``index`` only, same actors and settings (and the same budget).
+
+        Built before any agent moved: its old policy is the actors' current parameters. Advantages are
+        normalised over the subset's own samples when this planner normalises them. Used by the
+        cross-fitted allocator (decisions on one half of the batch) and the held-out probe.
+
+        :param index: sample indices in increasing order (a :func:`split_samples` fold)
+        :param overrides: settings to change (e.g. ``cg_max_steps``); ``n_envs`` defaults to the envs
+            the subset keeps whole, if it is a fold of whole envs, else 1
+        """
+        if self.updated:
+            raise RuntimeError("a subset planner must be built before any agent moves")
+        settings: dict[str, Any] = dict(
+            total_kl=self.total_kl,
+            normalize_advantage=self.normalize_advantage,
+            cg_max_steps=self.cg_max_steps,
+            cg_damping=self.cg_damping,
+            line_search_shrinking_factor=self.line_search_shrinking_factor,
+            line_search_max_iter=self.line_search_max_iter,
+            line_search_accept_ratio=self.line_search_accept_ratio,
+            krylov_rtol=self.krylov_rtol,
+        )
+        kept_envs = th.unique(index % self.n_envs).numel() if self.n_envs > 1 else 1
+        whole_envs = kept_envs > 1 and index.numel() == kept_envs * (self.n_samples // self.n_envs)
+        settings["n_envs"] = kept_envs if whole_envs else 1
+        settings.update(overrides)
+        data = self._data
+        return TrustRegionPlanner(
+            {a: data[a].actor for a in self.agents},
+            {a: data[a].observations[index] for a in self.agents},
+            {a: data[a].actions[index] for a in self.agents},
+            {a: data[a].alive[index] for a in self.agents},
+            self.advantages[index],
+            **settings,
+        )
+
+    def fold_slopes(self, agent: str, vector: th.Tensor, folds: list[th.Tensor]) -> th.Tensor:
+        """``g_k . v`` for each fold ``k``: the slope along ``v`` of ``agent``'s surrogate (current ``M``) on the fold.
+
+        ``g_k = grad mean_{alive samples in fold k} ratio * M``. Computed for all folds at once from the
+        per-sample slopes ``u_s = grad l_s . v`` (``l_s`` one sample's surrogate term): with weights
+        ``w = 1``, ``u = d/dw [grad_theta(sum_s w_s l_s) . v]``, one double backward pass, the cost of one
+        Fisher-vector product whatever the number of folds. The noise-aware allocators' estimates.
+
+        :param agent: the agent, at its old parameters
+        :param vector: ``v``, a direction in the agent's parameter space (e.g. its CG direction)
+        :param folds: sample indices of each fold (:func:`split_samples`)
+        :return: ``(n_folds,)``
+        """
+        data = self._data[agent]
+        log_prob = data.actor.distribution(data.observations).log_prob(data.actions)
+        per_sample = data.alive * th.exp(log_prob - data.old_log_prob) * data.advantages * self.correction
+        weights = th.ones_like(per_sample, requires_grad=True)
+        gradient = flat_grad((weights * per_sample).sum(), data.params, create_graph=True)
+        (slopes,) = th.autograd.grad(gradient @ vector.detach(), weights)
+        return th.stack([slopes[fold].sum() / data.alive[fold].sum().clamp(min=1.0) for fold in folds]).detach()
+
+    @th.no_grad()
+    def measure(self, direction: SearchDirection, threshold: float, fraction: float) -> tuple[float, float]:
+        """``(improvement, KL)`` of the step ``fraction * s(threshold)``, no acceptance test; parameters restored.
+
+        Greedy's common-fraction ratio re-measures candidates at one step fraction with it.
+        """
+        data = self._data[direction.agent]
+        if not self.is_current(direction):
+            raise RuntimeError(f"the direction of {direction.agent!r} is stale: recompute it")
+        baseline = float((data.alive * data.advantages * self.correction).sum() / data.n_alive)
+        data.set_params(data.old_params + fraction * direction.full_step(threshold))
+        distribution = data.actor.distribution(data.observations)
+        kl = float(data.kl(distribution))
+        improvement = float(self._surrogate(data, distribution.log_prob(data.actions))) - baseline
+        data.set_params(data.old_params)
+        return improvement, kl
+
+    @th.no_grad()
+    def replay_improvements(self, order: list[str]) -> list[float]:
+        """Surrogate improvement on this planner's samples of each agent's *current* parameters, in ``order``.
+
+        Agent ``order[k]`` is scored with ``M`` built from the ratios of ``order[:k]`` (HATRPO's
+        sequential correction), exactly as its step was scored where it was taken. The planner's own
+        ``M`` is left alone. The held-out probe replays steps taken on another half of the batch.
+        """
+        correction = th.ones_like(self.advantages)
+        improvements = []
+        for agent in order:
+            data = self._data[agent]
+            ratio = th.exp(data.actor.distribution(data.observations).log_prob(data.actions) - data.old_log_prob)
+            gain = (data.alive * (ratio - 1.0) * data.advantages * correction).sum() / data.n_alive
+            improvements.append(float(gain))
+            correction = correction * th.where(data.alive > 0, ratio, th.ones_like(ratio))
+        return improvements
+
+    def restore(self) -> None:
+        """Every agent back at its old parameters (after steps taken for measurement only)."""
+        for data in self._data.values():
+            data.set_params(data.old_params)
 
     def is_current(self, direction: SearchDirection) -> bool:
         """Whether ``direction`` was computed with the current ``M`` (no agent has moved since)."""

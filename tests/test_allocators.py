@@ -238,3 +238,118 @@ def test_greedy_threshold_is_the_budget_times_the_chosen_ratio_share():
         ratios2[agent] = improvement / kl
     expected_second = left * ratios2["strong_but_costly"] / sum(ratios2.values())
     assert planner.committed[1][1] == pytest.approx(expected_second, rel=1e-9)
+
+
+# ------------------------------------------- greedy's biases (issue #8), on scripted planners
+class BacktrackingPlanner(ScriptedPlanner):
+    """Steps along each direction: improvement ``alpha c sqrt(delta)``, KL ``alpha^2 k delta`` at fraction ``alpha``.
+
+    The line search tries ``alpha = 1, 0.8, 0.64, ...`` and accepts the first ``alpha <= alpha_max`` of
+    the agent: ``"backtracker"``'s quadratic model fails until ``alpha = 0.64`` (two backtracks).
+    Under the paper's ratio ``I / k ~ c / (alpha sqrt(delta))`` it then looks better than
+    ``"steady"`` (0.9 / 0.64 = 1.41 > 1) although at any common step it is worse (0.9 < 1).
+    """
+
+    def __init__(self, total_kl: float = 0.03) -> None:
+        super().__init__(total_kl)
+        self.agents = ["backtracker", "steady", "weak"]
+        self.coefficients = {"backtracker": (0.9, 1.0), "steady": (1.0, 1.0), "weak": (0.3, 1.0)}
+        self.alpha_max = {"backtracker": 0.64, "steady": 1.0, "weak": 1.0}
+
+    def at(self, agent: str, threshold: float, fraction: float) -> tuple[float, float]:
+        c, k = self.coefficients[agent]
+        return fraction * c * np.sqrt(threshold), fraction**2 * k * threshold
+
+    def step(self, direction, threshold: float, *, commit: bool = True):
+        from sb3_hatrpo.trust_region import StepResult
+
+        fraction = 1.0
+        while fraction > self.alpha_max[direction.agent] + 1e-12:
+            fraction *= 0.8
+        improvement, kl = self.at(direction.agent, threshold, fraction)
+        if commit:
+            self.committed.append((direction.agent, threshold))
+            self.version += 1
+        return StepResult(direction.agent, threshold, kl, improvement, improvement, True, fraction, 1.0)
+
+    def measure(self, direction, threshold: float, fraction: float) -> tuple[float, float]:
+        return self.at(direction.agent, threshold, fraction)
+
+
+def test_paper_ratio_rewards_a_backtracked_line_search():
+    """The documented bias of the paper's rule, kept as ratio="paper": the backtracker moves first."""
+    planner = BacktrackingPlanner()
+    GreedyAllocator(ratio="paper").update_agents(planner, np.random.default_rng(0))
+    assert planner.committed[0][0] == "backtracker"
+
+
+@pytest.mark.parametrize("ratio", ["fraction-corrected", "common-fraction"])
+def test_common_step_ratio_does_not_reward_backtracking(ratio):
+    planner = BacktrackingPlanner()
+    GreedyAllocator(ratio=ratio).update_agents(planner, np.random.default_rng(0))
+    assert [agent for agent, _ in planner.committed] == ["steady", "backtracker", "weak"]
+    # the chosen share: B rho / sum rho with the corrected ratios 1 : 0.9 : 0.3 (both rules agree here)
+    assert planner.committed[0][1] == pytest.approx(0.03 * 1.0 / 2.2, rel=1e-6)
+
+
+def test_common_fraction_equals_the_paper_ratio_when_nobody_backtracks():
+    orders = []
+    for ratio in ("paper", "fraction-corrected", "common-fraction"):
+        planner = ScriptedPlanner()
+        GreedyAllocator(ratio=ratio).update_agents(planner, np.random.default_rng(0))
+        orders.append(planner.committed)
+    assert orders[0] == orders[1] == orders[2]
+
+
+class TwinPlanner(ScriptedPlanner):
+    """Two identical agents and a weak one: greedy's first pick is a tie."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.agents = ["first", "second", "weak"]
+        self.coefficients = {"first": (2.0, 1.0), "second": (2.0, 1.0), "weak": (1.0, 1.0)}
+
+
+def test_greedy_ties_go_to_the_first_agent_unless_broken_at_random():
+    firsts = {tie_break: set() for tie_break in ("order", "random")}
+    for seed in range(16):
+        for tie_break in firsts:
+            planner = TwinPlanner()
+            GreedyAllocator(tie_break=tie_break).update_agents(planner, np.random.default_rng(seed))
+            firsts[tie_break].add(planner.committed[0][0])
+    assert firsts["order"] == {"first"}
+    assert firsts["random"] == {"first", "second"}
+
+
+def identical_problem(n_agents: int = 3, n: int = 256, seed: int = 0):
+    """``n_agents`` copies of one agent (same actor weights, observations and actions)."""
+    import copy
+
+    actors, obs, actions, alive, _ = make_problem(n_agents=1, n=n, seed=seed)
+    one = "agent_0"
+    actors = {f"agent_{i}": copy.deepcopy(actors[one]) for i in range(n_agents)}
+    obs = {a: obs[one].clone() for a in actors}
+    actions = {a: actions[one].clone() for a in actors}
+    alive = {a: alive[one].clone() for a in actors}
+    score = actions[one][:, 0]
+    return actors, obs, actions, alive, (score - score.mean()) / score.std()
+
+
+def test_kkt_ties_go_to_the_first_agent_unless_broken_at_random():
+    firsts = {tie_break: set() for tie_break in ("order", "random")}
+    for seed in range(12):
+        for tie_break in firsts:
+            planner = planner_for(identical_problem(), total_kl=0.03)
+            results = KKTAllocator(tie_break=tie_break).update_agents(planner, np.random.default_rng(seed))
+            firsts[tie_break].add(results[0].agent)
+    assert firsts["order"] == {"agent_0"}
+    assert len(firsts["random"]) > 1
+
+
+def test_greedy_and_kkt_reject_unknown_options():
+    with pytest.raises(ValueError, match="ratio"):
+        GreedyAllocator(ratio="backtracked")
+    with pytest.raises(ValueError, match="tie_break"):
+        GreedyAllocator(tie_break="last")
+    with pytest.raises(ValueError, match="tie_break"):
+        KKTAllocator(tie_break="alphabetical")
