@@ -39,16 +39,19 @@ try:  # run as a script (python benchmarks/allocator_cost.py) or as a module
 except ImportError:
     from benchmarks.mamujoco import zoo_settings
 
-# the package default, which the benchmark measures against recomputing from scratch (None)
-KRYLOV_RTOL: float = inspect.signature(HATRPO).parameters["krylov_rtol"].default
+# the package default (None: every direction solved from scratch, the paper's computation)
+DEFAULT_KRYLOV_RTOL: float | None = inspect.signature(HATRPO).parameters["krylov_rtol"].default
+# Krylov reuse as measured here: recomputed directions start from the Krylov basis (issue #7 keeps it
+# off by default unless the worst potential error below is <= 0.5%)
+KRYLOV_RTOL: float = 0.05
 # (allocator, krylov_rtol, allocator_kwargs): the recomputed directions of KKT and greedy with and
 # without Krylov reuse, greedy's bias fixes and the noise-aware allocators (issue #8)
 VARIANTS: dict[str, tuple[str, float | None, dict[str, Any]]] = {
-    "uniform": ("uniform", KRYLOV_RTOL, {}),
-    "kkt": ("kkt", KRYLOV_RTOL, {}),
-    "kkt (krylov_rtol=None)": ("kkt", None, {}),
-    "greedy": ("greedy", KRYLOV_RTOL, {}),
-    "greedy (krylov_rtol=None)": ("greedy", None, {}),
+    "uniform": ("uniform", DEFAULT_KRYLOV_RTOL, {}),
+    "kkt (krylov_rtol=0.05)": ("kkt", KRYLOV_RTOL, {}),
+    "kkt": ("kkt", None, {}),
+    "greedy (krylov_rtol=0.05)": ("greedy", KRYLOV_RTOL, {}),
+    "greedy": ("greedy", None, {}),
     "greedy (common-fraction, random ties)": (
         "greedy",
         KRYLOV_RTOL,

@@ -282,7 +282,7 @@ class TrustRegionPlanner:
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
         line_search_accept_ratio: float = 0.0,
-        krylov_rtol: float | None = 0.05,
+        krylov_rtol: float | None = None,
         n_envs: int = 1,
     ) -> None:
         check_krylov_rtol(krylov_rtol)
