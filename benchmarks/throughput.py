@@ -77,14 +77,10 @@ def train_steps_per_second(algo: str, timesteps: int, vec_env_cls: str) -> float
     common = dict(seed=0, device="cpu")
     if algo.startswith("hatrpo"):
         env = make_vec_env(ENV_ID, n_envs=n_envs, seed=0, vec_env_cls=vec_env_cls)
-        model = HATRPO(
-            "MlpPolicy",
-            env,
-            **settings,
-            **common,
-            num_threads=None,  # --threads, as TRPO
-            **({"normalize_observation": False} if "no-obs-norm" in algo else {}),
-        )
+        kwargs = {**settings, **common, "num_threads": None}  # num_threads None: --threads, as TRPO
+        if "no-obs-norm" in algo:
+            kwargs["normalize_observation"] = False
+        model = HATRPO("MlpPolicy", env, **kwargs)
         n_steps = model.n_steps
     else:
         from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
