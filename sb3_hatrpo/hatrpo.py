@@ -44,6 +44,9 @@ from sb3_hatrpo.vec_env import MultiAgentVecEnv, make_vec_env
 
 SelfHATRPO = TypeVar("SelfHATRPO", bound="HATRPO")
 
+# Options whose default differs from what models saved before them did (they had no such attribute).
+BEHAVIOUR_BEFORE_OPTION: dict[str, Any] = {"normalize_observation": False}
+
 # Per-sample critic losses (prediction, target, Huber threshold): reduced after the optional value clipping.
 VALUE_LOSSES: dict[str, Callable[[th.Tensor, th.Tensor, float], th.Tensor]] = {
     "mse": lambda prediction, target, _: F.mse_loss(prediction, target, reduction="none"),
@@ -460,7 +463,7 @@ class HATRPO(OnPolicyAlgorithm):
                 loss = loss.mean()
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                if self.max_grad_norm is not None:
+                if self.max_grad_norm:  # None, or SB3's 0.0 in models saved before the option: no clipping
                     th.nn.utils.clip_grad_norm_(self.policy.critic.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
                 losses.append(loss.item())
@@ -733,6 +736,8 @@ class HATRPO(OnPolicyAlgorithm):
                 data["_last_obs"] = None  # the env is reset before training (SB3 issue 597)
             data["n_envs"] = env.num_envs
         model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)
+        # A model saved before an option existed keeps the behaviour it was trained with.
+        model.__dict__.update({key: value for key, value in BEHAVIOUR_BEFORE_OPTION.items() if key not in data})
         model.__dict__.update(data)
         model.__dict__.update(kwargs)
         model._setup_model()

@@ -200,3 +200,36 @@ def test_reward_normalisation_leaves_logged_returns_raw():
     assert float(np.abs(model.rollout_buffer.rewards).max()) < 10.0
     logged = [info["r"] for info in model.ep_info_buffer]
     assert logged and min(logged) < -1.0  # 16 steps of -|a|: raw episode returns, not scaled ones
+
+
+def test_a_model_saved_before_normalisation_existed_loads_and_trains_as_it_was(tmp_path, monkeypatch):
+    """Old zips have no normalize_observation key and SB3's max_grad_norm 0.0: no normaliser, no frozen critic."""
+    import json
+    import zipfile
+
+    model = HATRPO("MlpPolicy", OffsetEnv, seed=0, normalize_observation=False, **TINY)
+    model.learn(64)
+    model.save(tmp_path / "new.zip")
+    old = tmp_path / "old.zip"
+    with zipfile.ZipFile(tmp_path / "new.zip") as source, zipfile.ZipFile(old, "w") as target:
+        for item in source.infolist():
+            content = source.read(item.filename)
+            if item.filename == "data":
+                data = json.loads(content)
+                data.pop("normalize_observation")
+                data["max_grad_norm"] = 0.0
+                content = json.dumps(data).encode()
+            target.writestr(item, content)
+    loaded = HATRPO.load(old, env=OffsetEnv)
+    assert loaded.normalize_observation is False
+    assert loaded.policy.actor("early").obs_normalizer is None
+    raw = {"early": np.array([105.0, 95.0], np.float32)}
+    np.testing.assert_array_equal(
+        loaded.predict(raw, deterministic=True)[0]["early"], model.predict(raw, deterministic=True)[0]["early"]
+    )
+    clips = []
+    monkeypatch.setattr(th.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: clips.append(args[1:]))
+    before = [p.detach().clone() for p in loaded.policy.critic.parameters()]
+    loaded.learn(64)
+    assert clips == []  # SB3's 0.0 means no clipping, not clipping every gradient to norm 0
+    assert any(not th.equal(a, b) for a, b in zip(before, loaded.policy.critic.parameters()))
