@@ -180,6 +180,7 @@ class _AgentData:
         actions: th.Tensor,
         alive: th.Tensor,
         advantages: th.Tensor,
+        record_krylov: bool = False,
     ) -> None:
         self.actor = actor
         self.params = [p for p in actor.parameters() if p.requires_grad]
@@ -198,7 +199,7 @@ class _AgentData:
         # Every v with its product (F + damping I) v: the Krylov basis later solves start from.
         self.krylov_vectors: list[th.Tensor] = []
         self.krylov_products: list[th.Tensor] = []
-        self.record_krylov = False  # keep the vectors only when a later solve may reuse them
+        self.record_krylov = record_krylov  # keep the vectors only when a later solve may reuse them
         self.cold_relative_residual: float | None = None  # ||g - F x|| / ||g|| of this agent's first solve
 
     def kl(self, distribution: Distribution) -> th.Tensor:
@@ -304,11 +305,10 @@ class TrustRegionPlanner:
                 actions[a],
                 alive[a],
                 normalize_on(advantages, alive[a]) if normalize_advantage else advantages,
+                record_krylov=krylov_rtol is not None,
             )
             for a in self.agents
         }
-        for data in self._data.values():
-            data.record_krylov = krylov_rtol is not None
         self.advantages = advantages
         # M / A_hat: the product of the ratios pi_new / pi_old of the agents updated so far
         self.correction = th.ones_like(advantages)
@@ -333,6 +333,10 @@ class TrustRegionPlanner:
     def _surrogate(self, data: _AgentData, log_prob: th.Tensor) -> th.Tensor:
         ratio = th.exp(log_prob - data.old_log_prob)
         return (data.alive * ratio * data.advantages * self.correction).sum() / data.n_alive
+
+    def _old_surrogate(self, data: _AgentData) -> float:
+        """``L(theta_old)``: the surrogate with every ratio 1, the baseline of an improvement."""
+        return float((data.alive * data.advantages * self.correction).sum() / data.n_alive)
 
     def direction(self, agent: str) -> SearchDirection:
         """Gradient, CG direction and potential of ``agent`` for the current ``M``."""
@@ -450,7 +454,7 @@ class TrustRegionPlanner:
         data = self._data[direction.agent]
         if not self.is_current(direction):
             raise RuntimeError(f"the direction of {direction.agent!r} is stale: recompute it")
-        baseline = float((data.alive * data.advantages * self.correction).sum() / data.n_alive)
+        baseline = self._old_surrogate(data)
         data.set_params(data.old_params + fraction * direction.full_step(threshold))
         distribution = data.actor.distribution(data.observations)
         kl = float(data.kl(distribution))
@@ -504,8 +508,7 @@ class TrustRegionPlanner:
         result = StepResult(agent, threshold, 0.0, 0.0, predicted, False, 0.0, direction.potential)
         full_step = direction.full_step(threshold) if threshold > 0 else None
         if full_step is not None and bool(full_step.abs().max() > 0):
-            # L(theta_old): every ratio is 1
-            baseline = float((data.alive * data.advantages * self.correction).sum() / data.n_alive)
+            baseline = self._old_surrogate(data)
             fraction = 1.0
             for _ in range(self.line_search_max_iter):
                 data.set_params(data.old_params + fraction * full_step)
