@@ -806,7 +806,20 @@ def read_model_file(
         )
     except json.JSONDecodeError as error:
         raise ValueError(f"{where}: its 'data' entry is not valid JSON ({error}); the file is corrupted") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, OSError) as error:
+    # torch's weights-only unpickler meets random bytes with whatever its parser hits: IndexError, AssertionError, ...
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        pickle.UnpicklingError,
+        RuntimeError,
+        KeyError,
+        OSError,
+        IndexError,
+        AssertionError,
+        TypeError,
+        AttributeError,
+    ) as error:
         raise ValueError(
             f"{where} cannot be read as a HATRPO model ({type(error).__name__}: {_first_line(error)}); "
             "the file is truncated or corrupted: save it again or use another checkpoint"

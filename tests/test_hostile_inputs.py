@@ -173,8 +173,10 @@ def _corrupt(kind: str, good: Path, target: Path) -> Path:
         target.write_text("not a model\n")
     elif kind == "broken_json":
         _rewrite(good, target, {"data": b'{"policy_class": '})
-    elif kind == "garbage_pth":
-        _rewrite(good, target, {"policy.pth": os.urandom(300)})
+    elif kind.startswith("garbage_pth"):
+        # random bytes reach different corners of torch's unpickler; several fixed seeds cover more than one
+        seed = int(kind.rsplit("_", 1)[1]) if kind[-1].isdigit() else 0
+        _rewrite(good, target, {"policy.pth": np.random.default_rng(seed).bytes(300)})
     elif kind == "no_policy":
         _rewrite(good, target, {"policy.pth": None})
     elif kind == "no_data":
@@ -204,7 +206,7 @@ def _torch_bytes(torch, obj) -> bytes:
         ("empty", "not a zip file"),
         ("text", "not a zip file"),
         ("broken_json", "'data' entry is not valid JSON"),
-        ("garbage_pth", "truncated or corrupted"),
+        *[(f"garbage_pth_{seed}", "truncated or corrupted") for seed in range(12)],
         ("no_policy", "policy.pth is missing"),
         ("no_data", "no 'data' entry"),
         ("foreign", "does not hold a HATRPO model"),
