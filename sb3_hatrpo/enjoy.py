@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from sb3_hatrpo.extras import require
-from sb3_hatrpo.zoo.utils import CLIError, HelpFormatter, env_folder_name, find_run, run_cli, set_num_threads
+from sb3_hatrpo.zoo.utils import (
+    CLIError,
+    HelpFormatter,
+    add_allow_import_argument,
+    env_folder_name,
+    find_run,
+    run_cli,
+    set_num_threads,
+)
 
 __all__ = ["EnjoyResult", "display_available", "find_model", "main", "make_parser", "run"]
 
@@ -62,13 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the env")
     parser.add_argument("--device", default="auto", help="torch device")
     parser.add_argument("--verbose", type=int, default=1, help="2: tracebacks of errors")
-    parser.add_argument(
-        "--allow-import",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="let the run's config.yml name env_wrapper callables of MODULE (trusted code only; see docs/zoo.md)",
-    )
+    add_allow_import_argument(parser, "let the run's config.yml name env_wrapper callables of MODULE")
     parser.add_argument(
         "--num-threads",
         type=int,

@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 
 from sb3_hatrpo.extras import require
-from sb3_hatrpo.zoo.utils import HelpFormatter, positive_timesteps, run_cli, set_num_threads
+from sb3_hatrpo.zoo.utils import (
+    HelpFormatter,
+    add_allow_import_argument,
+    positive_timesteps,
+    run_cli,
+    set_num_threads,
+)
 
 __all__ = ["format_summary", "main", "make_parser", "run"]
 
@@ -71,13 +77,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=1,
         help="0 quiet, 1 short tables and summary, 2 full tables (per-agent figures) and tracebacks of errors",
     )
-    parser.add_argument(
-        "--allow-import",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="let the config's env_wrapper name callables of MODULE (trusted code only; see docs/zoo.md)",
-    )
+    add_allow_import_argument(parser)
     parser.add_argument("--track", action="store_true", help="log to Weights & Biases")
     parser.add_argument("--wandb-project", default="sb3-hatrpo", help="W&B project")
     parser.add_argument("--wandb-entity", default=None, help="W&B team or user")

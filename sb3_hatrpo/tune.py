@@ -37,6 +37,7 @@ from sb3_hatrpo.zoo.utils import (
     ALGO,
     CLIError,
     HelpFormatter,
+    add_allow_import_argument,
     env_folder_name,
     positive_timesteps,
     run_cli,
@@ -91,13 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose", type=int, default=1, help="0 quiet, 1 one line per trial, 2 Optuna's logs and error tracebacks"
     )
-    parser.add_argument(
-        "--allow-import",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="let the config's env_wrapper name callables of MODULE (trusted code only; see docs/zoo.md)",
-    )
+    add_allow_import_argument(parser)
     return parser
 
 

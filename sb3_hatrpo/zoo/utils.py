@@ -15,6 +15,7 @@ __all__ = [
     "ALGO",
     "CLIError",
     "HelpFormatter",
+    "add_allow_import_argument",
     "check_writable_folder",
     "env_folder_name",
     "find_run",
@@ -123,6 +124,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default:" in help_text or action.default is None:  # "...; default: the config's"
             return help_text
         return super()._get_help_string(action)
+
+
+def add_allow_import_argument(
+    parser: argparse.ArgumentParser, source: str = "let the config's env_wrapper name callables of MODULE"
+) -> None:
+    """``--allow-import MODULE`` (repeatable): the opt-in for ``env_wrapper`` callables outside the allow-list.
+
+    :param parser: the command's parser
+    :param source: what the flag allows, the start of the help text
+    """
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help=f"{source} (trusted code only; see docs/zoo.md)",
+    )
 
 
 def positive_timesteps(text: str) -> int:
