@@ -156,12 +156,18 @@ def run_dir(results: Path, env_id: str, allocator: str, seed: int) -> Path:
     return results / env_id.replace(":", "_") / allocator / f"seed{seed}"
 
 
-def finished(results: Path) -> set[tuple[str, str, int]]:
+def finished(results: Path) -> dict[tuple[str, str, int], int]:
+    """``{(env, variant, seed): steps}`` of the runs in ``final.jsonl``, at their largest finished budget."""
     final = results / "final.jsonl"
     if not final.exists():
-        return set()
-    lines = [json.loads(line) for line in final.read_text().splitlines() if line.strip()]
-    return {(r["env"], r["allocator"], r["seed"]) for r in lines}
+        return {}
+    done: dict[tuple[str, str, int], int] = {}
+    for line in final.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            key = (r["env"], r["allocator"], r["seed"])
+            done[key] = max(done.get(key, 0), r["timesteps"])
+    return done
 
 
 def _keep_lines_upto(path: Path, done: int) -> None:
@@ -340,34 +346,55 @@ def difference_cis(
     return welch, (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
 
 
+def study_returns(
+    results: Path, env_id: str, variant: str, seeds: list[int], at_steps: int | None = None
+) -> dict[int, float]:
+    """``{seed: eval return}``: the final evaluation of each finished run (its largest budget), or with
+    ``at_steps`` the deterministic evaluation at that step from ``eval.jsonl`` (runs that got there)."""
+    if at_steps is not None:
+        evals = load_evals(results, env_id, variant, seeds)
+        return {seed: by_step[at_steps] for seed, by_step in evals.items() if at_steps in by_step}
+    final_path = results / "final.jsonl"
+    records = [json.loads(line) for line in final_path.read_text().splitlines()] if final_path.exists() else []
+    latest: dict[int, tuple[int, float]] = {}
+    for r in records:
+        if r["env"] == env_id and r["allocator"] == variant and (not seeds or r["seed"] in seeds):
+            steps = r.get("timesteps", 0)
+            if r["seed"] not in latest or steps >= latest[r["seed"]][0]:
+                latest[r["seed"]] = (steps, r["eval_return_mean"])
+    return {seed: value for seed, (_, value) in latest.items()}
+
+
 def study_report(
-    results: Path, envs: list[str], variants: list[str], seeds: list[int], stuck_fraction: float = 0.5
+    results: Path,
+    envs: list[str],
+    variants: list[str],
+    seeds: list[int],
+    stuck_fraction: float = 0.5,
+    at_steps: int | None = None,
 ) -> str:
     """Issue #8's table: per task and variant, final eval return mean ± std over seeds, the difference to
     uniform with Welch and bootstrap 95% CIs, the fraction of stuck seeds (final return below
-    ``stuck_fraction`` times uniform's median on the task) and the KL spent / budget."""
-    final_path = results / "final.jsonl"
-    final = [json.loads(line) for line in final_path.read_text().splitlines()] if final_path.exists() else []
+    ``stuck_fraction`` times uniform's median on the task) and the KL spent / budget. With ``at_steps``
+    the returns are the evaluations at that step and the KL figure covers the iterations up to it."""
     lines = [
         f"| env | variant | seeds | final eval return (mean ± std) | vs uniform | 95% CI (Welch) | 95% CI (bootstrap) "
         f"| stuck seeds (< {stuck_fraction:.0%} of uniform's median) | KL spent / budget |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for env_id in envs:
-        finals = {
-            v: [
-                r["eval_return_mean"]
-                for r in final
-                if r["env"] == env_id and r["allocator"] == v and (not seeds or r["seed"] in seeds)
-            ]
-            for v in variants
-        }
+        finals = {v: list(study_returns(results, env_id, v, seeds, at_steps).values()) for v in variants}
         base = finals.get("uniform", [])
         # stuck needs a positive reference: with uniform's median <= 0 (no learning yet) it is undefined
         threshold = stuck_fraction * float(np.median(base)) if base and np.median(base) > 0 else float("nan")
         for variant in variants:
             values = finals[variant]
-            progress = [p for s in seeds for p in load_progress(results, env_id, variant, s)]
+            progress = [
+                p
+                for s in seeds
+                for p in load_progress(results, env_id, variant, s)
+                if at_steps is None or p["timesteps"] <= at_steps
+            ]
             spent = (
                 np.mean([sum(r["kl"] for r in p["allocation"]) for p in progress])
                 / (zoo_settings(env_id)[0]["target_kl"] * len(progress[0]["allocation"]))
@@ -495,6 +522,9 @@ def main(argv: list[str] | None = None) -> None:
         help="issue #8's table: Welch and bootstrap CIs of the difference to uniform, stuck seeds, KL spent",
     )
     parser.add_argument("--stuck-fraction", type=float, default=0.5, help="stuck: below this times uniform's median")
+    parser.add_argument(
+        "--at-steps", type=int, default=None, help="--study-report: compare the evaluations at this step"
+    )
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -505,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         print(compare_harl(args.results, args.allocators[0], args.seeds, args.harl_reference))
         return
     if args.study_report:
-        print(study_report(args.results, args.envs, args.allocators, args.seeds, args.stuck_fraction))
+        print(study_report(args.results, args.envs, args.allocators, args.seeds, args.stuck_fraction, args.at_steps))
         return
     if args.report_evals:
         print(report_evals(args.results, args.envs, args.allocators, args.seeds))
@@ -514,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [(e, a, s) for s in args.seeds for e in args.envs for a in args.allocators]
     mine = [run for i, run in enumerate(runs) if i % args.n_workers == args.worker]
     for env_id, allocator, seed in mine:
-        if (env_id, allocator, seed) in finished(args.results):
+        # a run finished at a smaller budget continues from its checkpoint (staged studies: 500k, then 1M)
+        if finished(args.results).get((env_id, allocator, seed), 0) >= args.timesteps:
             continue
         train_one(args.results, env_id, allocator, seed, args.timesteps, args.checkpoint_every, args.eval_every)
 
