@@ -160,14 +160,17 @@ def _make_mamujoco(env_id: str, name: str, kwargs: dict[str, Any]) -> Any:
         )
     try:
         with without_stderr_lines(ADROIT_NOTICE):
-            from gymnasium_robotics import mamujoco_v1
+            from gymnasium_robotics import mamujoco_v1  # noqa: F401  (checked even once the module below is loaded)
+
+            from sb3_hatrpo.envs.mamujoco_fast import FastMultiAgentMujocoEnv
     except ImportError as error:
         raise ImportError(
             f'make_env({env_id!r}) needs gymnasium-robotics and mujoco: pip install "sb3_hatrpo[mujoco]" ({error})'
         ) from error
-    # render_mode and the MaMuJoCo options (agent_obsk, ...) are keyword arguments of the constructor.
+    # render_mode and the MaMuJoCo options (agent_obsk, ...) are keyword arguments of the constructor;
+    # the subclass of gymnasium-robotics' env gives the same observations from precomputed index maps.
     with without_mujoco_warnings(SETTOTALMASS_WARNING):
-        return _call(env_id, partial(mamujoco_v1.parallel_env, scenario, agent_conf), kwargs)
+        return _call(env_id, partial(FastMultiAgentMujocoEnv, scenario, agent_conf), kwargs)
 
 
 def _mpe_names() -> list[str]:
