@@ -398,9 +398,10 @@ class HATRPO(OnPolicyAlgorithm):
         callback.on_rollout_start()
 
         n_steps = 0
+        sample_actions = self.policy.rollout_sampler()  # the actors are frozen until the next train()
         while n_steps < n_rollout_steps:
             # The env clips Box actions; the buffer keeps the sampled ones, whose log-probs the update needs.
-            actions = self.policy.sample_actions(self._last_obs)  # type: ignore[arg-type]
+            actions = sample_actions(self._last_obs)  # type: ignore[arg-type]
             new_obs, rewards, dones, infos = env.step(actions)
             self.num_timesteps += env.num_envs
 

@@ -9,6 +9,7 @@ distributions for the action heads.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -188,6 +189,59 @@ class Actor(nn.Module):
         else:
             picks = [th.multinomial(chunk.softmax(dim=1), 1).squeeze(1) for chunk in logits]
         return th.stack(picks, dim=1) if self._nvec is not None else picks[0]
+
+    def frozen_sampler(self) -> Callable[[th.Tensor, bool], th.Tensor]:
+        """:meth:`sample` with the parameters and statistics of now, for one rollout.
+
+        The same operations on the same values, so the same draws (tested), without ``nn.Module`` calls:
+        the linear layers become ``addmm`` on detached weights, ReLU/Tanh their functions, and the
+        observation normaliser's affine map and the std are read once. The caller rebuilds it whenever the
+        actor or its statistics change (every rollout). Anything else (categorical actions, non-Box
+        observations, custom layers) gets :meth:`sample` itself.
+        """
+        if self.log_std is None or not isinstance(self.observation_space, spaces.Box):
+            return self.sample
+        layers: list[Callable[[th.Tensor], th.Tensor]] = []
+        for module in [*self.mlp_extractor.policy_net, self.action_net]:
+            if isinstance(module, nn.Linear):
+                weight_t = module.weight.detach().t()
+                bias = module.bias.detach() if module.bias is not None else weight_t.new_zeros(module.out_features)
+                layers.append(_linear(weight_t, bias))
+            elif type(module) in _ACTIVATION_FUNCTIONS:
+                layers.append(_ACTIVATION_FUNCTIONS[type(module)])
+            elif isinstance(module, nn.LayerNorm | nn.ReLU | nn.Tanh | nn.ELU | nn.LeakyReLU | nn.SiLU | nn.GELU):
+                layers.append(module)
+            else:
+                return self.sample
+        normalizer = self.obs_normalizer
+        affine = None
+        if normalizer is not None:
+            normalizer(th.zeros((1, *self.observation_space.shape)))  # builds its cached float32 affine map
+            affine = (*normalizer._affine, normalizer.clip)  # type: ignore[misc]
+        log_std = self.action_log_std()
+        assert log_std is not None
+        std = log_std.detach().exp()
+
+        def sample(obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+            x = obs.float()
+            if affine is not None:
+                mean, inv_std, clip = affine
+                x = th.clamp((x - mean) * inv_std, -clip, clip)
+            x = x.flatten(start_dim=1)
+            for layer in layers:
+                x = layer(x)
+            return x if deterministic else x + std * th.randn_like(x)
+
+        return sample
+
+
+def _linear(weight_t: th.Tensor, bias: th.Tensor) -> Callable[[th.Tensor], th.Tensor]:
+    """``F.linear`` with the weight and bias of now: the ``addmm`` it computes, without the module call."""
+    return lambda x: th.addmm(bias, x, weight_t)
+
+
+# Activations whose module is only a call of a function: called directly in the rollout
+_ACTIVATION_FUNCTIONS: dict[type[nn.Module], Callable[[th.Tensor], th.Tensor]] = {nn.ReLU: th.relu, nn.Tanh: th.tanh}
 
 
 class CentralCritic(nn.Module):
@@ -391,6 +445,23 @@ class HATRPOPolicy(BasePolicy):
             .numpy()
             for agent in self.agents
         }
+
+    def rollout_sampler(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """:meth:`sample_actions` (stochastic) with every actor frozen as it is now (:meth:`Actor.frozen_sampler`).
+
+        For one rollout: build it after the last change to the actors or their statistics.
+        """
+        samplers = {agent: self.actor(agent).frozen_sampler() for agent in self.agents}
+        device = self.device
+
+        def sample(observations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            with th.inference_mode():
+                return {
+                    agent: sampler(th.as_tensor(observations[agent], device=device), False).cpu().numpy()
+                    for agent, sampler in samplers.items()
+                }
+
+        return sample
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         raise NotImplementedError("HATRPOPolicy predicts per agent: use predict(), which takes {agent: obs}")

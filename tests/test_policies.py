@@ -70,3 +70,37 @@ def test_layer_norm_follows_every_hidden_layer_of_actors_and_critic():
     critic = CentralCritic(5, [12], layer_norm=True)
     assert isinstance(critic.mlp_extractor.value_net[-1], nn.LayerNorm)
     assert critic(th.randn(4, 5)).shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "observation_space, kwargs",
+    [
+        (OBS, dict(log_std_init=-0.7)),
+        (OBS, dict(log_std_init=-1.5, std_parametrization="sigmoid", activation_fn=th.nn.Tanh)),
+        (OBS, dict(layer_norm=True, activation_fn=th.nn.ELU)),
+        (spaces.Box(-5.0, 5.0, (2, 3), np.float64), dict(normalize_observation=True)),
+    ],
+    ids=["relu-log-std", "tanh-sigmoid-std", "layer-norm-elu", "2d-float64-normalised"],
+)
+def test_frozen_sampler_draws_exactly_what_sample_draws(observation_space, kwargs):
+    th.manual_seed(0)
+    actor = Actor(observation_space, spaces.Box(-1.0, 1.0, (2,), np.float32), [16, 16], **kwargs)
+    if actor.obs_normalizer is not None:  # statistics far from (0, 1), so a skipped normalisation shows
+        actor.obs_normalizer.update(np.random.default_rng(0).normal(100.0, 7.0, (50, *observation_space.shape)))
+    with th.no_grad():
+        actor.log_std += 0.1  # a trained std, not the initial one
+    obs = th.as_tensor(np.random.default_rng(1).normal(size=(8, *observation_space.shape)) + 100.0)
+    frozen = actor.frozen_sampler()
+    assert frozen != actor.sample  # the fast path is the one compared
+    for deterministic in (False, True):
+        th.manual_seed(3)
+        with th.no_grad():
+            expected = actor.sample(obs, deterministic)
+        th.manual_seed(3)
+        with th.inference_mode():
+            assert th.equal(frozen(obs, deterministic), expected)
+
+
+def test_frozen_sampler_falls_back_to_sample_for_categorical_actions():
+    actor = Actor(OBS, spaces.Discrete(3), [8])
+    assert actor.frozen_sampler() == actor.sample
