@@ -264,9 +264,7 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
         fig, ax = plt.subplots(figsize=(6, 4))
         finals: dict[str, list[float]] = {}
         for allocator in allocators:
-            finals[allocator] = [
-                r["eval_return_mean"] for r in final if r["env"] == env_id and r["allocator"] == allocator
-            ]
+            finals[allocator] = list(study_returns(results, env_id, allocator, seeds).values())  # latest budget
             curves = [progress_of(env_id, allocator, s) for s in seeds]
             curves = [c for c in curves if c]
             if curves:
@@ -290,7 +288,7 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
             progress = [p for s in seeds for p in progress_of(env_id, allocator, s)]
             update = np.median([p["update_seconds"] for p in progress]) if progress else float("nan")
             iteration = np.median([p["iteration_seconds"] for p in progress]) if progress else float("nan")
-            done_seeds = [r["seed"] for r in final if r["env"] == env_id and r["allocator"] == allocator]
+            done_seeds = list(study_returns(results, env_id, allocator, seeds))
             last = [np.mean([p["ep_rew_mean"] for p in progress_of(env_id, allocator, s)[-10:]]) for s in done_seeds]
             training = f"{np.mean(last):.0f} ± {np.std(last):.0f}" if last else ""
             budget = [sum(r["kl"] for r in p["allocation"]) for p in progress]
@@ -365,6 +363,14 @@ def study_returns(
     return {seed: value for seed, (_, value) in latest.items()}
 
 
+def _largest_budget(results: Path, env_id: str, variants: list[str]) -> int | None:
+    """The largest ``timesteps`` of the finished runs of ``variants`` on ``env_id`` (None without any)."""
+    path = results / "final.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    steps = [r.get("timesteps") for r in records if r["env"] == env_id and r["allocator"] in variants]
+    return max((s for s in steps if s is not None), default=None)
+
+
 def study_report(
     results: Path,
     envs: list[str],
@@ -383,7 +389,9 @@ def study_report(
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for env_id in envs:
-        finals = {v: list(study_returns(results, env_id, v, seeds, at_steps).values()) for v in variants}
+        # without at_steps: the final evaluations at the task's largest finished budget, never a mix of budgets
+        budget = at_steps if at_steps is not None else _largest_budget(results, env_id, variants)
+        finals = {v: list(study_returns(results, env_id, v, seeds, budget).values()) for v in variants}
         base = finals.get("uniform", [])
         # stuck needs a positive reference: with uniform's median <= 0 (no learning yet) it is undefined
         threshold = stuck_fraction * float(np.median(base)) if base and np.median(base) > 0 else float("nan")
