@@ -5,8 +5,11 @@ Both run in this process, side by side and alternating, with the zoo config's se
 ``zoo_configs/hatrpo.yml`` is the one source of tuned settings), so their ratio is meaningful on a
 shared machine. HATRPO also runs with ``normalize_observation=False``, which prices the observation
 normalisation. Also prints the raw env steps/s with random actions: the ceiling of each loop.
+``--fisher`` runs HATRPO with each ``fisher_product`` (the analytic product, the default, and the
+double backward) and TRPO instead, alternating (``benchmarks/fisher_product.py`` times the products alone).
 
     python benchmarks/throughput.py --timesteps 40000 --repeats 2
+    python benchmarks/throughput.py --timesteps 40000 --repeats 3 --fisher
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ TRPO_KEYS = (
     "normalize_advantage",
 )
 ALGOS = ("hatrpo", "hatrpo-no-obs-norm", "trpo")
+FISHER_ALGOS = ("hatrpo", "hatrpo-double-backward", "trpo")  # --fisher
 
 
 def raw_multiagent_steps_per_second(n_steps: int) -> float:
@@ -72,7 +76,7 @@ def raw_single_agent_steps_per_second(n_steps: int) -> float:
 
 
 def train_steps_per_second(algo: str, timesteps: int, vec_env_cls: str) -> float:
-    """Training steps/s of one run of ``algo`` (one of ``ALGOS``) with the zoo settings, after a warm-up."""
+    """Training steps/s of one run of ``algo`` (``ALGOS``, ``FISHER_ALGOS``) with the zoo settings, after a warm-up."""
     settings, n_envs = zoo_settings(ENV_ID)
     common = dict(seed=0, device="cpu")
     if algo.startswith("hatrpo"):
@@ -80,6 +84,8 @@ def train_steps_per_second(algo: str, timesteps: int, vec_env_cls: str) -> float
         kwargs = {**settings, **common, "num_threads": None}  # num_threads None: --threads, as TRPO
         if "no-obs-norm" in algo:
             kwargs["normalize_observation"] = False
+        if "double-backward" in algo:
+            kwargs["fisher_product"] = "double_backward"
         model = HATRPO("MlpPolicy", env, **kwargs)
         n_steps = model.n_steps
     else:
@@ -150,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vec-env", choices=["dummy", "subproc"], default="dummy")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is as fast as 2 for small MLPs)")
     parser.add_argument("--profile", action="store_true", help="also profile one HATRPO run: where the time goes")
+    parser.add_argument(
+        "--fisher", action="store_true", help="HATRPO with each fisher_product (analytic, double_backward) and TRPO"
+    )
     args = parser.parse_args(argv)
     th.set_num_threads(args.threads)
     settings, n_envs = zoo_settings(ENV_ID)
@@ -159,15 +168,27 @@ def main(argv: list[str] | None = None) -> None:
     raw_ma = raw_multiagent_steps_per_second(5000)
     raw_sa = raw_single_agent_steps_per_second(5000)
     print(f"raw env steps/s (random actions): MaMuJoCo HalfCheetah-2x3 {raw_ma:,.0f}, HalfCheetah-v5 {raw_sa:,.0f}")
-    results: dict[str, list[float]] = {algo: [] for algo in ALGOS}
+    algos = FISHER_ALGOS if args.fisher else ALGOS
+    results: dict[str, list[float]] = {algo: [] for algo in algos}
     for repeat in range(args.repeats):
-        for algo in ALGOS:  # alternate, so drifts in machine load hit all alike
+        for algo in algos:  # alternate, so drifts in machine load hit all alike
             sps = train_steps_per_second(algo, args.timesteps, args.vec_env)
             results[algo].append(sps)
-            print(f"  repeat {repeat}: {algo:18s} {sps:,.0f} training steps/s")
-    hatrpo, plain, trpo = (float(np.median(results[algo])) for algo in ALGOS)
+            print(f"  repeat {repeat}: {algo:22s} {sps:,.0f} training steps/s")
+    median = {algo: float(np.median(values)) for algo, values in results.items()}
+    hatrpo, trpo = median["hatrpo"], median["trpo"]
     print(f"HATRPO (2 actors) {hatrpo:,.0f} steps/s | TRPO (1 actor) {trpo:,.0f} steps/s | ratio {hatrpo / trpo:.2f}x")
-    print(f"observation normalisation: {plain:,.0f} steps/s without, {hatrpo:,.0f} with ({hatrpo / plain - 1:+.1%})")
+    if args.fisher:
+        double = median["hatrpo-double-backward"]
+        print(
+            f"Fisher-vector products: analytic {hatrpo:,.0f} steps/s, double backward {double:,.0f} steps/s "
+            f"({hatrpo / double - 1:+.1%}); TRPO ratio with the double backward {double / trpo:.2f}x"
+        )
+    else:
+        plain = median["hatrpo-no-obs-norm"]
+        print(
+            f"observation normalisation: {plain:,.0f} steps/s without, {hatrpo:,.0f} with ({hatrpo / plain - 1:+.1%})"
+        )
     print(f"share of the raw env ceiling: HATRPO {hatrpo / raw_ma:.0%}, TRPO {trpo / raw_sa:.0%}")
     if args.profile:
         profile_hatrpo(args.timesteps, args.vec_env)

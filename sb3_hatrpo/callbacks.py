@@ -202,6 +202,7 @@ class WandbCallback(_import_wandb_callback()):  # type: ignore[misc]
             "gae_lambda",
             "cg_max_steps",
             "cg_damping",
+            "fisher_product",
             "line_search_shrinking_factor",
             "line_search_max_iter",
             "n_critic_updates",

@@ -123,6 +123,14 @@ class HATRPO(OnPolicyAlgorithm):
     :param num_threads: torch CPU threads while this model learns and predicts (set for the call, then
         restored); default 1, the fastest for these small MLPs (``benchmarks/threads.py``); None leaves
         torch's setting alone (e.g. for large networks, or on a GPU)
+    :param fisher_product: how the Fisher-vector products ``F v`` of CG are computed. ``"analytic"``
+        (default): for actors with a diagonal-Gaussian action (``Box``) and a state-independent std,
+        ``J^T diag(w / std^2) J v`` on the mean network plus a diagonal std block, the exact Hessian of
+        the KL at the old parameters from one traced graph per agent and iteration
+        (:class:`sb3_hatrpo.trust_region.GaussianFisher`); categorical actors fall back to the double
+        backward. ``"double_backward"``: sb3-contrib's and HARL's ``grad (grad KL . v)`` for every actor.
+        Both give the same product up to float rounding; the analytic one is faster
+        (``benchmarks/fisher_product.py``).
     """
 
     policy_aliases: ClassVar[dict[str, type[HATRPOPolicy]]] = {"MlpPolicy": MlpPolicy}  # type: ignore[assignment]
@@ -171,6 +179,7 @@ class HATRPO(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
         num_threads: int | None = DEFAULT_NUM_THREADS,
+        fisher_product: str = "analytic",
     ) -> None:
         # Checked before anything is built, so a typo costs nothing.
         check_num_threads(num_threads)
@@ -182,6 +191,7 @@ class HATRPO(OnPolicyAlgorithm):
             cg_max_steps=cg_max_steps,
             cg_damping=cg_damping,
             krylov_rtol=krylov_rtol,
+            fisher_product=fisher_product,
             line_search_shrinking_factor=line_search_shrinking_factor,
             line_search_max_iter=line_search_max_iter,
             n_critic_updates=n_critic_updates,
@@ -241,6 +251,7 @@ class HATRPO(OnPolicyAlgorithm):
         self.cg_max_steps = cg_max_steps
         self.cg_damping = cg_damping
         self.krylov_rtol = krylov_rtol
+        self.fisher_product = fisher_product
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
         self.line_search_accept_ratio = line_search_accept_ratio
@@ -493,6 +504,7 @@ class HATRPO(OnPolicyAlgorithm):
             line_search_shrinking_factor=self.line_search_shrinking_factor,
             line_search_max_iter=self.line_search_max_iter,
             krylov_rtol=self.krylov_rtol,
+            fisher_product=self.fisher_product,
             n_envs=self.n_envs,  # folds of whole envs for the noise-aware allocators
         )
         settings.update(overrides)

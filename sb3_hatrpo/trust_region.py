@@ -28,6 +28,12 @@ Krylov basis), which costs no Fisher-vector product. Conjugate gradient continue
 remaining residual only while the relative residual ``||g - F x|| / ||g||`` is above
 ``krylov_rtol`` (and above the relative residual the agent's first, cold solve reached).
 ``krylov_rtol=None`` solves from scratch.
+
+Fisher-vector products ``F v`` (``fisher_product``): ``"analytic"`` (default) computes them for a
+diagonal-Gaussian actor with a state-independent std from the KL's Hessian written out at
+``theta_old`` (:class:`GaussianFisher`: ``J^T diag(w / std^2) J v`` on the mean network, a diagonal
+block on the std parameter), one traced graph per agent and iteration; every other actor (categorical
+actions), or ``"double_backward"``, takes sb3-contrib's and HARL's double backward through the KL.
 """
 
 from __future__ import annotations
@@ -40,10 +46,14 @@ from typing import Any
 import numpy as np
 import torch as th
 from sb3_contrib.common.utils import conjugate_gradient_solver, flat_grad
-from stable_baselines3.common.distributions import Distribution, kl_divergence
+from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution, kl_divergence
+from stable_baselines3.common.torch_layers import MlpExtractor
+from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from sb3_hatrpo.policies import Actor
+from sb3_hatrpo.policies import STD_PARAMETRIZATIONS, Actor
+from sb3_hatrpo.validation import check_hyperparameters
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,11 @@ def check_krylov_rtol(krylov_rtol: float | None) -> None:
         raise ValueError(f"krylov_rtol must be a non-negative number or None, got {krylov_rtol!r}")
 
 
+def check_fisher_product(fisher_product: str, owner: str = "TrustRegionPlanner") -> None:
+    """``ValueError`` unless ``fisher_product`` is one of :data:`~sb3_hatrpo.validation.FISHER_PRODUCTS`."""
+    check_hyperparameters(owner, fisher_product=fisher_product)
+
+
 def normalize_on(values: th.Tensor, mask: th.Tensor) -> th.Tensor:
     """``(values - mean) / (std + 1e-8)`` with mean and std over the samples where ``mask > 0``."""
     selected = values[mask > 0]
@@ -170,6 +185,123 @@ def check_allocator_threshold(threshold: float, remaining: float, total: float, 
     )
 
 
+# Where an Actor's action mean comes from: the parameters under these prefixes (``Actor.distribution``).
+_MEAN_PATH = ("mlp_extractor.policy_net.", "action_net.")
+
+
+class _ActionMean(nn.Module):
+    """The mean of a Gaussian actor's action from its (normalised) features, as ``Actor.distribution`` computes it."""
+
+    def __init__(self, actor: Actor) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, features: th.Tensor) -> th.Tensor:
+        return self.actor.action_net(self.actor.mlp_extractor.forward_actor(features))
+
+
+def analytic_fisher_unsupported(actor: Actor, params: list[nn.Parameter]) -> str | None:
+    """Why :class:`GaussianFisher` cannot compute ``actor``'s Fisher-vector products, or ``None`` if it can.
+
+    It needs SB3's diagonal Gaussian with a state-independent std in a known parametrisation, the
+    ``Actor`` methods that build it (a subclass overriding them may compute another distribution), and
+    every trained parameter on the mean path or the std parameter.
+
+    :param actor: the agent's actor
+    :param params: the parameters the trust region moves (those with ``requires_grad``)
+    """
+    if not isinstance(actor, Actor):
+        return f"{type(actor).__name__} is not an Actor"
+    if type(actor.action_dist) is not DiagGaussianDistribution or actor.log_std is None:
+        return f"the action distribution is {type(actor.action_dist).__name__}, not a diagonal Gaussian"
+    if actor.std_parametrization not in STD_PARAMETRIZATIONS:
+        return f"unknown std parametrisation {actor.std_parametrization!r}"
+    for method in ("distribution", "action_log_std", "_features"):
+        if getattr(type(actor), method) is not getattr(Actor, method):
+            return f"{type(actor).__name__} overrides Actor.{method}"
+    if type(actor.mlp_extractor).forward_actor is not MlpExtractor.forward_actor:
+        return f"{type(actor.mlp_extractor).__name__} overrides MlpExtractor.forward_actor"
+    names = {id(p): name for name, p in actor.named_parameters()}
+    for p in params:
+        name = names.get(id(p))
+        if name is None or not (p is actor.log_std or name.startswith(_MEAN_PATH)):
+            return f"the parameter {name!r} is neither on the action mean's path nor the std parameter"
+    return None
+
+
+class GaussianFisher:
+    """Fisher-vector products of a diagonal-Gaussian actor with a state-independent std, without double backward.
+
+    With ``w = alive / n_alive`` the weights of :func:`mean_kl`, ``mu`` the action mean (the mean
+    network's parameters ``theta``), ``sigma = exp(l(x))`` the old std (``x`` the std parameter,
+    ``l = x`` for ``"log"``, ``l = log(max_std) + logsigmoid(x)`` for ``"sigmoid"``, no clamp in
+    either), the KL's gradient is 0 at ``theta_old`` and its Hessian there is exactly
+
+        ``F = [[J^T diag(w / sigma^2) J, 0], [0, 2 sum(w) diag(l'(x)^2)]]``
+
+    with ``J = d mu / d theta`` (``n * action_dim`` rows) and ``l'(x) = 1`` (``"log"``) or
+    ``sigmoid(-x)`` (``"sigmoid"``): the mean/std cross terms carry a factor ``mu - mu_old = 0``.
+    ``J v`` is the derivative of ``u -> J^T u`` (linear) along ``v``, so one graph of the mean network
+    and its backward pass with ``create_graph``, built once, serves every product: ``J v`` is one
+    backward pass through the backward graph, ``J^T (w / sigma^2 * J v)`` one through the forward graph.
+
+    :param actor: the agent's actor (:func:`analytic_fisher_unsupported` returns ``None`` for it)
+    :param params: the parameters the trust region moves, in the order of the product's vectors
+    :param old_params: their old values, flat (the product is the Hessian there)
+    :param observations: the agent's observations ``(n, *obs_shape)``
+    :param alive: 0/1 float mask ``(n,)``
+    :param old_std: the old policy's std ``(n, action_dim)``
+    """
+
+    def __init__(
+        self,
+        actor: Actor,
+        params: list[nn.Parameter],
+        old_params: th.Tensor,
+        observations: th.Tensor,
+        alive: th.Tensor,
+        old_std: th.Tensor,
+    ) -> None:
+        self.sizes = [p.numel() for p in params]
+        self.std_index = next((i for i, p in enumerate(params) if p is actor.log_std), None)
+        self.mean_index = [i for i in range(len(params)) if i != self.std_index]
+        names = {id(p): name for name, p in actor.named_parameters()}
+        old = [chunk.view_as(p) for chunk, p in zip(old_params.detach().split(self.sizes), params, strict=True)]
+        n_alive = alive.sum().clamp(min=1.0)
+        with th.enable_grad():
+            self.leaves = [old[i].detach().requires_grad_() for i in self.mean_index]
+            with th.no_grad():  # the observation normaliser's statistics are no parameters
+                features = actor._features(observations)
+            self.mean = functional_call(
+                _ActionMean(actor),
+                {f"actor.{names[id(params[i])]}": leaf for i, leaf in zip(self.mean_index, self.leaves, strict=True)},
+                (features,),
+            )
+            # J^T u for a free u: linear in u, its derivative along v is J v whatever u is
+            self.cotangent = th.zeros_like(self.mean, requires_grad=True)
+            self.transposed = th.autograd.grad(self.mean, self.leaves, self.cotangent, create_graph=True)
+        self.weights = (alive / n_alive).unsqueeze(1) / old_std.detach().square()
+        self.std_diagonal: th.Tensor | None = None
+        if self.std_index is not None:
+            x = old[self.std_index].detach()
+            slope = th.sigmoid(-x) if actor.std_parametrization == "sigmoid" else th.ones_like(x)  # d log std / dx
+            self.std_diagonal = (2.0 * slope.square() * (alive.sum() / n_alive)).flatten()
+
+    def __call__(self, vector: th.Tensor) -> th.Tensor:
+        """``F v`` (without damping) for a flat ``v`` over ``params``."""
+        chunks = vector.detach().split(self.sizes)
+        tangents = [chunks[i].view_as(leaf) for i, leaf in zip(self.mean_index, self.leaves, strict=True)]
+        (jv,) = th.autograd.grad(self.transposed, self.cotangent, tangents, retain_graph=True)
+        back = th.autograd.grad(self.mean, self.leaves, jv * self.weights, retain_graph=True)
+        blocks = list(chunks)
+        for i, block in zip(self.mean_index, back, strict=True):
+            blocks[i] = block.flatten()
+        if self.std_index is not None:
+            assert self.std_diagonal is not None
+            blocks[self.std_index] = self.std_diagonal * chunks[self.std_index]
+        return th.cat(blocks)
+
+
 class _AgentData:
     """One agent's rollout samples, advantages and frozen old policy."""
 
@@ -181,7 +313,9 @@ class _AgentData:
         alive: th.Tensor,
         advantages: th.Tensor,
         record_krylov: bool = False,
+        fisher_product: str = "analytic",
     ) -> None:
+        check_fisher_product(fisher_product)
         self.actor = actor
         self.params = [p for p in actor.parameters() if p.requires_grad]
         self.observations = observations
@@ -193,9 +327,18 @@ class _AgentData:
             self.old_distribution = actor.distribution(observations)
             self.old_log_prob = self.old_distribution.log_prob(actions)
             self.old_params = parameters_to_vector(self.params).clone()
-        # Gradient of the KL with its graph, reused by every Fisher-vector product and by
-        # every direction computed for this agent until it moves.
+        # How this agent's Fisher-vector products are computed: "analytic" only where the actor supports it;
+        # why not, when it was asked for and is not
+        self.fisher_fallback_reason = (
+            analytic_fisher_unsupported(actor, self.params) if fisher_product == "analytic" else None
+        )
+        analytic = fisher_product == "analytic" and self.fisher_fallback_reason is None
+        self.fisher_path = "analytic" if analytic else "double_backward"
+        # The traced graph of either path, built at the first product and reused by every product and by
+        # every direction computed for this agent until it moves: the KL's gradient with its graph
+        # (double backward), or the mean network's graph and its backward (analytic).
         self._grad_kl: th.Tensor | None = None
+        self._gaussian_fisher: GaussianFisher | None = None
         # Every v with its product (F + damping I) v: the Krylov basis later solves start from.
         self.krylov_vectors: list[th.Tensor] = []
         self.krylov_products: list[th.Tensor] = []
@@ -211,9 +354,27 @@ class _AgentData:
             self._grad_kl = flat_grad(kl, self.params, create_graph=True, retain_graph=True)
         return self._grad_kl
 
+    def gaussian_fisher(self) -> GaussianFisher:
+        """The analytic product's traced graph (``fisher_path == "analytic"``), built at the first call."""
+        if self._gaussian_fisher is None:
+            normal = self.old_distribution.distribution
+            assert isinstance(normal, th.distributions.Normal)  # a DiagGaussianDistribution's
+            old_std = normal.stddev
+            self._gaussian_fisher = GaussianFisher(
+                self.actor, self.params, self.old_params, self.observations, self.alive, old_std
+            )
+        return self._gaussian_fisher
+
     def fisher_vector_product(self, vector: th.Tensor, damping: float) -> th.Tensor:
-        """``(Hessian of KL at theta_old + damping I) v``, never forming the matrix; recorded for reuse."""
-        product = flat_grad(self.grad_kl() @ vector, self.params, retain_graph=True) + damping * vector
+        """``(Hessian of KL at theta_old + damping I) v``, never forming the matrix; recorded for reuse.
+
+        Analytic (:class:`GaussianFisher`) when ``fisher_path == "analytic"``, else the double backward
+        ``grad (grad KL . v)``; both the exact Hessian at the old parameters.
+        """
+        if self.fisher_path == "analytic":
+            product = self.gaussian_fisher()(vector) + damping * vector
+        else:
+            product = flat_grad(self.grad_kl() @ vector, self.params, retain_graph=True) + damping * vector
         if self.record_krylov:
             self.krylov_vectors.append(vector.detach().clone())
             self.krylov_products.append(product.detach())
@@ -266,6 +427,9 @@ class TrustRegionPlanner:
     :param krylov_rtol: recomputed directions start from the agent's earlier Krylov basis and add
         CG steps only while the relative residual ``||g - F x|| / ||g||`` exceeds this (see the module
         docstring); ``None`` solves every direction from scratch
+    :param fisher_product: ``"analytic"``: Fisher-vector products of diagonal-Gaussian actors with a
+        state-independent std from :class:`GaussianFisher`, the double backward for the others;
+        ``"double_backward"``: the double backward for every actor (see the module docstring)
     """
 
     def __init__(
@@ -285,8 +449,11 @@ class TrustRegionPlanner:
         line_search_accept_ratio: float = 0.0,
         krylov_rtol: float | None = None,
         n_envs: int = 1,
+        fisher_product: str = "analytic",
     ) -> None:
         check_krylov_rtol(krylov_rtol)
+        check_fisher_product(fisher_product)
+        self.fisher_product = fisher_product
         self.n_envs = n_envs
         self.agents = list(actors)
         self.line_search_accept_ratio = line_search_accept_ratio
@@ -306,6 +473,7 @@ class TrustRegionPlanner:
                 alive[a],
                 normalize_on(advantages, alive[a]) if normalize_advantage else advantages,
                 record_krylov=krylov_rtol is not None,
+                fisher_product=fisher_product,
             )
             for a in self.agents
         }
@@ -409,6 +577,7 @@ class TrustRegionPlanner:
             line_search_max_iter=self.line_search_max_iter,
             line_search_accept_ratio=self.line_search_accept_ratio,
             krylov_rtol=self.krylov_rtol,
+            fisher_product=self.fisher_product,
         )
         kept_envs = th.unique(index % self.n_envs).numel() if self.n_envs > 1 else 1
         whole_envs = kept_envs > 1 and index.numel() == kept_envs * (self.n_samples // self.n_envs)

@@ -18,6 +18,7 @@ import numpy as np
 import torch as th
 
 __all__ = [
+    "FISHER_PRODUCTS",
     "MIN_KL",
     "RULES",
     "Rule",
@@ -31,18 +32,23 @@ __all__ = [
 # improvement rounds to 0, the line search rejects every step and training silently never updates.
 MIN_KL = 1e-10
 
+# How the trust region's Fisher-vector products are computed (sb3_hatrpo.trust_region): "analytic" where the
+# actor supports it (diagonal Gaussian, state-independent std), else the double backward; or always the latter.
+FISHER_PRODUCTS = ("analytic", "double_backward")
+
 
 @dataclass(frozen=True)
 class Rule:
-    """The valid values of one numeric argument.
+    """The valid values of one numeric argument, or of one argument with a few named choices.
 
-    :param kind: ``int``, ``float`` or ``bool``
+    :param kind: ``int``, ``float``, ``bool`` or ``str`` (with ``choices``)
     :param low: smallest valid value (None: unbounded)
     :param high: largest valid value (None: unbounded)
     :param low_open: ``low`` itself is invalid
     :param high_open: ``high`` itself is invalid
     :param allow_none: ``None`` is valid
     :param meaning: what the argument is, for the message
+    :param choices: the valid strings (``kind=str``)
     """
 
     kind: type
@@ -52,11 +58,16 @@ class Rule:
     high_open: bool = False
     allow_none: bool = False
     meaning: str = ""
+    choices: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """``"an integer >= 1"``, ``"a number in (0, 1)"``, ... for the message."""
         if self.kind is bool:
             return "True or False"
+        if self.kind is str:
+            return (
+                "one of " + ", ".join(repr(choice) for choice in self.choices) + (" or None" if self.allow_none else "")
+            )
         noun = "an integer" if self.kind is int else "a finite number"
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
@@ -75,6 +86,8 @@ class Rule:
             return self.allow_none
         if self.kind is bool:
             return isinstance(value, bool)
+        if self.kind is str:
+            return isinstance(value, str) and value in self.choices
         # bool is an int in Python; True as a KL threshold is a mistake, not 1
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return False
@@ -97,6 +110,7 @@ RULES: dict[str, Rule] = {
     "cg_max_steps": Rule(int, 1, meaning="conjugate-gradient iterations per direction"),
     "cg_damping": Rule(float, 0.0, meaning="damping added to the Fisher matrix"),
     "krylov_rtol": Rule(float, 0.0, allow_none=True, meaning="relative residual of reused directions"),
+    "fisher_product": Rule(str, choices=FISHER_PRODUCTS, meaning="how the Fisher-vector products are computed"),
     "line_search_shrinking_factor": Rule(
         float, 0.0, 1.0, low_open=True, high_open=True, meaning="the line search's step-size factor"
     ),

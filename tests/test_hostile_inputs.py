@@ -34,6 +34,7 @@ ENV = "games:climbing"
         ("n_steps", -4, ">= 1"),
         ("cg_damping", -0.1, ">= 0"),
         ("cg_max_steps", 0, ">= 1"),
+        ("fisher_product", "fast", "one of 'analytic', 'double_backward'"),
         ("gamma", 1.5, "[0, 1]"),
         ("gae_lambda", -1, "[0, 1]"),
         ("line_search_shrinking_factor", 2, "(0, 1)"),
