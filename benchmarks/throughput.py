@@ -9,6 +9,7 @@ normalisation. Also prints the raw env steps/s with random actions: the ceiling 
 double backward) and TRPO instead, alternating (``benchmarks/fisher_product.py`` times the products alone).
 
     python benchmarks/throughput.py --timesteps 40000 --repeats 2
+    python benchmarks/throughput.py --mamujoco-env     # the MaMuJoCo env alone: original against index-mapped
     python benchmarks/throughput.py --timesteps 40000 --repeats 3 --fisher
 """
 
@@ -110,10 +111,43 @@ def train_steps_per_second(algo: str, timesteps: int, vec_env_cls: str) -> float
     return timesteps / elapsed
 
 
+def mamujoco_env_speedup(tasks: tuple[str, ...], n_steps: int = 3000, repeats: int = 3) -> None:
+    """Raw steps/s (random actions) of gymnasium-robotics' MaMuJoCo env and of the package's index-mapped
+    subclass, alternating; prints the medians and their ratio per task."""
+    import warnings
+
+    from gymnasium_robotics.envs.multiagent_mujoco.mujoco_multi import MultiAgentMujocoEnv
+
+    from sb3_hatrpo.envs.mamujoco_fast import FastMultiAgentMujocoEnv
+
+    for task in tasks:
+        scenario, conf = task.split("-")
+        speeds: dict[str, list[float]] = {"original": [], "index-mapped": []}
+        for _ in range(repeats):
+            for label, cls in (("original", MultiAgentMujocoEnv), ("index-mapped", FastMultiAgentMujocoEnv)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    env = cls(scenario, conf)
+                env.reset(seed=0)
+                rng = np.random.default_rng(0)
+                actions = [
+                    {a: rng.uniform(-1, 1, env.action_space(a).shape) for a in env.possible_agents} for _ in range(100)
+                ]
+                start = time.perf_counter()
+                for i in range(n_steps):
+                    env.step(actions[i % 100])
+                    if not env.agents:
+                        env.reset()
+                speeds[label].append(n_steps / (time.perf_counter() - start))
+                env.close()
+        original, fast = (float(np.median(v)) for v in speeds.values())
+        print(f"{task}: gymnasium-robotics {original:,.0f} steps/s, index-mapped {fast:,.0f} ({fast / original:.2f}x)")
+
+
 # Where an HATRPO iteration spends its time: (label, file name(s), function) as cProfile names them
 PROFILE_PARTS = [
     ("env step (MuJoCo + PettingZoo wrappers)", ("vec_env/dummy.py", "vec_env/subproc.py"), "step_wait"),
-    ("actor sampling in the rollout", "policies.py", "sample_actions"),
+    ("actor sampling in the rollout", "policies.py", "sample_rollout_actions"),
     ("critic values in the rollout", "hatrpo.py", "_values"),
     ("rollout buffer add", "buffers.py", "add"),
     ("GAE", "buffers.py", "compute_returns_and_advantage"),
@@ -159,8 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--fisher", action="store_true", help="HATRPO with each fisher_product (analytic, double_backward) and TRPO"
     )
+    parser.add_argument(
+        "--mamujoco-env",
+        action="store_true",
+        help="only compare the raw steps/s of gymnasium-robotics' MaMuJoCo env and the index-mapped one",
+    )
     args = parser.parse_args(argv)
     th.set_num_threads(args.threads)
+    if args.mamujoco_env:
+        mamujoco_env_speedup(("HalfCheetah-2x3", "HalfCheetah-6x1", "Walker2d-2x3", "Ant-4x2"))
+        return
     settings, n_envs = zoo_settings(ENV_ID)
     print(
         f"zoo settings of {ENV_ID}: {settings}, n_envs={n_envs}, vec_env={args.vec_env}, torch threads={args.threads}"

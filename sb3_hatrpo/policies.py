@@ -222,7 +222,7 @@ class Actor(nn.Module):
         assert log_std is not None
         std = log_std.detach().exp()
 
-        def sample(obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+        def frozen_sample(obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
             x = obs.float()
             if affine is not None:
                 mean, inv_std, clip = affine
@@ -232,7 +232,7 @@ class Actor(nn.Module):
                 x = layer(x)
             return x if deterministic else x + std * th.randn_like(x)
 
-        return sample
+        return frozen_sample
 
 
 def _linear(weight_t: th.Tensor, bias: th.Tensor) -> Callable[[th.Tensor], th.Tensor]:
@@ -454,14 +454,14 @@ class HATRPOPolicy(BasePolicy):
         samplers = {agent: self.actor(agent).frozen_sampler() for agent in self.agents}
         device = self.device
 
-        def sample(observations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def sample_rollout_actions(observations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             with th.inference_mode():
                 return {
                     agent: sampler(th.as_tensor(observations[agent], device=device), False).cpu().numpy()
                     for agent, sampler in samplers.items()
                 }
 
-        return sample
+        return sample_rollout_actions
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         raise NotImplementedError("HATRPOPolicy predicts per agent: use predict(), which takes {agent: obs}")
