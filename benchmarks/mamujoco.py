@@ -86,7 +86,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "greedy-krylov": ("greedy", {"krylov_rtol": 0.05}),
     # the KKT floor (min_kl_fraction, 0.5 by default) against none: the paper's plain KKT
     "kkt-nofloor": ("kkt", {"krylov_rtol": None, "allocator_kwargs": {"min_kl_fraction": 0.0}}),
-    # Ablations of the base algorithm (docs/benchmarks.md): one difference from HARL at a time.
     # Ablations of the base algorithm (docs/benchmarks.md), one difference from HARL at a time. They were
     # run against the zoo config before it took HARL's sigmoid std and accept ratio ("uniform-sb3-std"),
     # so each is defined against that base: the zoo config with SB3_STD undone, plus its own change.
@@ -109,6 +108,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform-layer-norm": ("uniform", {**SB3_STD, "policy_kwargs": {"std_parametrization": "log", "layer_norm": True}}),
     # HARL's sigmoid std and accept ratio together: the zoo config as it is now (same runs as "uniform")
     "uniform-harl-std-accept": ("uniform", {}),
+    # the zoo config plus HARL's critic and time-limit handling: every HARL ingredient but its LayerNorm
+    "uniform-harl-full": (
+        "uniform",
+        {
+            "value_loss": "huber",
+            "clip_range_vf": 0.2,
+            "max_grad_norm": 10.0,
+            "bootstrap_truncation": False,
+            "policy_kwargs": {"optimizer_kwargs": {"eps": 1e-5}},
+        },
+    ),
     "package-defaults": ("uniform", {}),  # no zoo settings at all (see variant_kwargs)
     # Issue #8, the tuned-base study: greedy's bias fixes (ratio at a common step fraction, random ties)
     # and the noise-aware allocators (sb3_hatrpo.noise_aware), with the Krylov reuse their cost was measured with.
