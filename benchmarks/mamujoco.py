@@ -290,7 +290,9 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
         ax.legend()
         fig.tight_layout()
         DOCS.mkdir(exist_ok=True)
-        fig.savefig(DOCS / f"mamujoco_{env_id.split(':')[1]}.png", dpi=110)
+        # the untuned study's figures (results/mamujoco) keep their names; other result folders get a suffix
+        suffix = "" if results.name == "mamujoco" else f"_{results.name}"
+        fig.savefig(DOCS / f"mamujoco_{env_id.split(':')[1]}{suffix}.png", dpi=110)
         plt.close(fig)
         base = np.mean(finals["uniform"]) if finals.get("uniform") else None
         for allocator in allocators:
@@ -437,6 +439,43 @@ def study_report(
     return "\n".join(lines)
 
 
+def study_curves(results: Path, envs: list[str], variants: list[str], seeds: list[int]) -> list[Path]:
+    """Per task, deterministic eval return against steps: mean over seeds with a 95% t-interval band
+    (seeds that reached the step), one line per variant; PNGs ``docs/study_<task>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import stats
+
+    paths = []
+    for env_id in envs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant in variants:
+            by_seed = load_evals(results, env_id, variant, seeds)
+            steps = sorted({t for evals in by_seed.values() for t in evals})
+            points = [(t, [evals[t] for evals in by_seed.values() if t in evals]) for t in steps]
+            points = [(t, v) for t, v in points if len(v) >= 2]
+            if not points:
+                continue
+            x = np.array([t for t, _ in points])
+            mean = np.array([np.mean(v) for _, v in points])
+            half = np.array([stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / np.sqrt(len(v)) for _, v in points])
+            n_seeds = max(len(v) for _, v in points)
+            ax.plot(x, mean, label=f"{variant} ({n_seeds} seeds)")
+            ax.fill_between(x, mean - half, mean + half, alpha=0.2)
+        ax.set_title(f"{env_id}: eval return, mean and 95% CI over seeds", fontsize=10)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("eval return")
+        ax.legend()
+        fig.tight_layout()
+        path = DOCS / f"study_{env_id.split(':')[1]}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def report_evals(results: Path, envs: list[str], variants: list[str], seeds: list[int]) -> str:
     """Markdown table: deterministic eval return at each evaluation step, mean over seeds and per seed."""
     lines = ["| env | variant | steps | seeds | mean ± std | per seed |", "|---|---|---|---|---|---|"]
@@ -554,6 +593,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.study_report:
         print(study_report(args.results, args.envs, args.allocators, args.seeds, args.stuck_fraction, args.at_steps))
+        for path in study_curves(args.results, args.envs, args.allocators, args.seeds):
+            print(f"learning curves: {path}")
         return
     if args.report_evals:
         print(report_evals(args.results, args.envs, args.allocators, args.seeds))
