@@ -439,7 +439,9 @@ def study_report(
     return "\n".join(lines)
 
 
-def study_curves(results: Path, envs: list[str], variants: list[str], seeds: list[int]) -> list[Path]:
+def study_curves(
+    results: Path, envs: list[str], variants: list[str], seeds: list[int], out_dir: Path = DOCS
+) -> list[Path]:
     """Per task, deterministic eval return against steps: mean over seeds with a 95% t-interval band
     (seeds that reached the step), one line per variant; PNGs ``docs/study_<task>.png``."""
     import matplotlib
@@ -469,7 +471,7 @@ def study_curves(results: Path, envs: list[str], variants: list[str], seeds: lis
         ax.set_ylabel("eval return")
         ax.legend()
         fig.tight_layout()
-        path = DOCS / f"study_{env_id.split(':')[1]}.png"
+        path = out_dir / f"study_{env_id.split(':')[1]}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.mamujoco import difference_cis, study_report
+from benchmarks.mamujoco import difference_cis, study_curves, study_report
 
 
 def test_welch_interval_matches_scipy_and_bootstrap_brackets_the_difference():
@@ -59,3 +59,7 @@ def test_study_report_compares_every_variant_at_the_same_budget(tmp_path):
     assert "| 1 | 5200 ± 0 | +0.0% |" in kkt  # only the seed that reached 1M, at 1M
     early = study_report(tmp_path, [env], ["uniform", "kkt"], [0, 1], at_steps=500_000)
     assert "| 2 | 3550 ± 778 | -13.4% |" in next(line for line in early.splitlines() if "| kkt |" in line)
+
+    # the learning curves: one PNG per task, from the seeds' evaluations
+    (path,) = study_curves(tmp_path, [env], ["uniform", "kkt"], [0, 1], out_dir=tmp_path)
+    assert path.name == "study_HalfCheetah-2x3.png" and path.stat().st_size > 10_000
