@@ -75,8 +75,16 @@ def variant_kwargs(env_id: str, variant: str) -> tuple[dict[str, Any], int]:
 # Variant -> (allocator, extra HATRPO arguments). "kkt" and "greedy" are the paper's versions, every
 # recomputed direction solved from scratch (also the package default, krylov_rtol=None); "-krylov" starts
 # it from the agent's Krylov basis (opt-in krylov_rtol=0.05). Uniform never recomputes a direction.
+# HARL's batch of 4 envs x 1000 steps. The zoo's HalfCheetah 2x3 entry has used 4 x 500 since the
+# half-batch measurement; the ablations and the first stage of the allocator study ran with this one,
+# so their variants pin it (a no-op on the entries that still use it).
+BATCH_4000: dict[str, Any] = {"n_steps": 1000, "batch_size": 4000}
 # The zoo config's MaMuJoCo entries without HARL's sigmoid std and accept ratio (the base the ablations ran on)
-SB3_STD: dict[str, Any] = {"line_search_accept_ratio": 0.0, "policy_kwargs": {"std_parametrization": "log"}}
+SB3_STD: dict[str, Any] = {
+    **BATCH_4000,
+    "line_search_accept_ratio": 0.0,
+    "policy_kwargs": {"std_parametrization": "log"},
+}
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform": ("uniform", {}),
@@ -91,8 +99,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # so each is defined against that base: the zoo config with SB3_STD undone, plus its own change.
     "uniform-sb3-std": ("uniform", SB3_STD),
     "uniform-no-obs-norm": ("uniform", {**SB3_STD, "normalize_observation": False}),
-    "uniform-sigmoid-std": ("uniform", {"line_search_accept_ratio": 0.0}),
-    "uniform-accept-ratio": ("uniform", {"policy_kwargs": {"std_parametrization": "log"}}),
+    "uniform-sigmoid-std": ("uniform", {**BATCH_4000, "line_search_accept_ratio": 0.0}),
+    "uniform-accept-ratio": ("uniform", {**BATCH_4000, "policy_kwargs": {"std_parametrization": "log"}}),
     "uniform-harl-critic": (
         "uniform",
         {
@@ -106,12 +114,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform-no-truncation-bootstrap": ("uniform", {**SB3_STD, "bootstrap_truncation": False}),
     "uniform-reward-norm": ("uniform", {**SB3_STD, "normalize_reward": True}),
     "uniform-layer-norm": ("uniform", {**SB3_STD, "policy_kwargs": {"std_parametrization": "log", "layer_norm": True}}),
-    # HARL's sigmoid std and accept ratio together: the zoo config as it is now (same runs as "uniform")
-    "uniform-harl-std-accept": ("uniform", {}),
+    # HARL's sigmoid std and accept ratio together: the zoo config with HARL's batch (HalfCheetah 2x3's
+    # entry until the half batch; the uniform cell of the allocator study's first stage on 2x3)
+    "uniform-harl-std-accept": ("uniform", BATCH_4000),
+    "kkt-nofloor-batch4000": ("kkt", {**BATCH_4000, "krylov_rtol": None, "allocator_kwargs": {"min_kl_fraction": 0.0}}),
+    "greedy-batch4000": ("greedy", {**BATCH_4000, "krylov_rtol": None}),
     # the zoo config plus HARL's critic and time-limit handling: every HARL ingredient but its LayerNorm
     "uniform-harl-full": (
         "uniform",
         {
+            **BATCH_4000,
             "value_loss": "huber",
             "clip_range_vf": 0.2,
             "max_grad_norm": 10.0,
@@ -119,6 +131,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             "policy_kwargs": {"optimizer_kwargs": {"eps": 1e-5}},
         },
     ),
+    # half HARL's batch (4 envs x 500 steps): twice the updates per sample (HalfCheetah 2x3's zoo entry now)
+    "uniform-half-batch": ("uniform", {"n_steps": 500, "batch_size": 2000}),
     "package-defaults": ("uniform", {}),  # no zoo settings at all (see variant_kwargs)
     # Issue #8, the tuned-base study: greedy's bias fixes (ratio at a common step fraction, random ties)
     # and the noise-aware allocators (sb3_hatrpo.noise_aware), with the Krylov reuse their cost was measured with.
@@ -390,11 +404,13 @@ def study_report(
     seeds: list[int],
     stuck_fraction: float = 0.5,
     at_steps: int | None = None,
+    baseline: str = "uniform",
 ) -> str:
     """Issue #8's table: per task and variant, final eval return mean ± std over seeds, the difference to
     uniform with Welch and bootstrap 95% CIs, the fraction of stuck seeds (final return below
     ``stuck_fraction`` times uniform's median on the task) and the KL spent / budget. With ``at_steps``
-    the returns are the evaluations at that step and the KL figure covers the iterations up to it."""
+    the returns are the evaluations at that step and the KL figure covers the iterations up to it.
+    ``baseline``: the variant the others are compared with (uniform HATRPO on the same settings)."""
     lines = [
         f"| env | variant | seeds | final eval return (mean ± std) | vs uniform | 95% CI (Welch) | 95% CI (bootstrap) "
         f"| stuck seeds (< {stuck_fraction:.0%} of uniform's median) | KL spent / budget |",
@@ -404,7 +420,7 @@ def study_report(
         # without at_steps: the final evaluations at the task's largest finished budget, never a mix of budgets
         budget = at_steps if at_steps is not None else _largest_budget(results, env_id, variants)
         finals = {v: list(study_returns(results, env_id, v, seeds, budget).values()) for v in variants}
-        base = finals.get("uniform", [])
+        base = finals.get(baseline, [])
         # stuck needs a positive reference: with uniform's median <= 0 (no learning yet) it is undefined
         threshold = stuck_fraction * float(np.median(base)) if base and np.median(base) > 0 else float("nan")
         for variant in variants:
@@ -426,7 +442,7 @@ def study_report(
                 lines.append(f"| {env_id} | {variant} | 0 | running | | | | | {kl_cell} |")
                 continue
             gain, welch, boot = "", "", ""
-            if base and variant != "uniform":
+            if base and variant != baseline:
                 gain = f"{100 * (np.mean(values) - np.mean(base)) / abs(np.mean(base)):+.1f}%"
                 (w_lo, w_hi), (b_lo, b_hi) = difference_cis(values, base)
                 welch, boot = f"{w_lo:+.0f}% .. {w_hi:+.0f}%", f"{b_lo:+.0f}% .. {b_hi:+.0f}%"
@@ -584,6 +600,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--at-steps", type=int, default=None, help="--study-report: compare the evaluations at this step"
     )
+    parser.add_argument("--baseline", default="uniform", help="--study-report: the variant compared against")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -594,7 +611,11 @@ def main(argv: list[str] | None = None) -> None:
         print(compare_harl(args.results, args.allocators[0], args.seeds, args.harl_reference))
         return
     if args.study_report:
-        print(study_report(args.results, args.envs, args.allocators, args.seeds, args.stuck_fraction, args.at_steps))
+        print(
+            study_report(
+                args.results, args.envs, args.allocators, args.seeds, args.stuck_fraction, args.at_steps, args.baseline
+            )
+        )
         for path in study_curves(args.results, args.envs, args.allocators, args.seeds):
             print(f"learning curves: {path}")
         return
