@@ -133,6 +133,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # half HARL's batch (4 envs x 500 steps): twice the updates per sample (HalfCheetah 2x3's zoo entry now)
     "uniform-half-batch": ("uniform", {"n_steps": 500, "batch_size": 2000}),
+    # the zoo config of any env without observation normalisation (its price or gain on MPE and the games)
+    "zoo-no-obs-norm": ("uniform", {"normalize_observation": False}),
     "package-defaults": ("uniform", {}),  # no zoo settings at all (see variant_kwargs)
     # Issue #8, the tuned-base study: greedy's bias fixes (ratio at a common step fraction, random ties)
     # and the noise-aware allocators (sb3_hatrpo.noise_aware), with the Krylov reuse their cost was measured with.
