@@ -45,11 +45,14 @@ class RunningNormalizer(nn.Module):
         # one subtraction, one product and a clamp. Dropped whenever the buffers change.
         self._affine: tuple[th.Tensor, th.Tensor] | None = None
 
+    def affine(self, dtype: th.dtype) -> tuple[th.Tensor, th.Tensor]:
+        """``(mean, 1 / std)`` of the current statistics in ``dtype`` (cached until they change)."""
+        if self._affine is None or self._affine[0].dtype != dtype:
+            self._affine = (self.mean.to(dtype), th.rsqrt(self.var + self.epsilon).to(dtype))
+        return self._affine
+
     def forward(self, x: th.Tensor) -> th.Tensor:
-        if self._affine is None or self._affine[0].dtype != x.dtype:
-            self._affine = (self.mean.to(x.dtype), th.rsqrt(self.var + self.epsilon).to(x.dtype))
-        mean, inv_std = self._affine
-        return th.clamp((x - mean) * inv_std, -self.clip, self.clip)
+        return apply_affine(x, *self.affine(x.dtype), self.clip)
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ...: the cached tensors follow the buffers
         self._affine = None
@@ -75,6 +78,11 @@ class RunningNormalizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mean.shape)}, clip={self.clip}, epsilon={self.epsilon}"
+
+
+def apply_affine(x: th.Tensor, mean: th.Tensor, inv_std: th.Tensor, clip: float) -> th.Tensor:
+    """``clamp((x - mean) / std, -clip, clip)``: the normalisation itself, for frozen statistics too."""
+    return th.clamp((x - mean) * inv_std, -clip, clip)
 
 
 class RewardScaler:

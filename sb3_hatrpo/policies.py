@@ -29,7 +29,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from sb3_hatrpo.action_spaces import check_action_space
-from sb3_hatrpo.normalization import RunningNormalizer
+from sb3_hatrpo.normalization import RunningNormalizer, apply_affine
 
 STD_PARAMETRIZATIONS = ("log", "sigmoid")
 
@@ -214,10 +214,7 @@ class Actor(nn.Module):
             else:
                 return self.sample
         normalizer = self.obs_normalizer
-        affine = None
-        if normalizer is not None:
-            normalizer(th.zeros((1, *self.observation_space.shape)))  # builds its cached float32 affine map
-            affine = (*normalizer._affine, normalizer.clip)  # type: ignore[misc]
+        affine = (*normalizer.affine(th.float32), normalizer.clip) if normalizer is not None else None
         log_std = self.action_log_std()
         assert log_std is not None
         std = log_std.detach().exp()
@@ -225,8 +222,7 @@ class Actor(nn.Module):
         def frozen_sample(obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
             x = obs.float()
             if affine is not None:
-                mean, inv_std, clip = affine
-                x = th.clamp((x - mean) * inv_std, -clip, clip)
+                x = apply_affine(x, *affine)
             x = x.flatten(start_dim=1)
             for layer in layers:
                 x = layer(x)
