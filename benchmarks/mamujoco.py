@@ -182,17 +182,19 @@ def run_dir(results: Path, env_id: str, allocator: str, seed: int) -> Path:
     return results / env_id.replace(":", "_") / allocator / f"seed{seed}"
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file (``final.jsonl``, ``progress.jsonl``, ``eval.jsonl``); none if it is missing."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def finished(results: Path) -> dict[tuple[str, str, int], int]:
     """``{(env, variant, seed): steps}`` of the runs in ``final.jsonl``, at their largest finished budget."""
-    final = results / "final.jsonl"
-    if not final.exists():
-        return {}
     done: dict[tuple[str, str, int], int] = {}
-    for line in final.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            key = (r["env"], r["allocator"], r["seed"])
-            done[key] = max(done.get(key, 0), r["timesteps"])
+    for r in read_jsonl(results / "final.jsonl"):
+        key = (r["env"], r["allocator"], r["seed"])
+        done[key] = max(done.get(key, 0), r["timesteps"])
     return done
 
 
@@ -254,10 +256,7 @@ def train_one(
 
 
 def load_progress(results: Path, env_id: str, allocator: str, seed: int) -> list[dict[str, Any]]:
-    path = run_dir(results, env_id, allocator, seed) / "progress.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(run_dir(results, env_id, allocator, seed) / "progress.jsonl")
 
 
 def report(results: Path, envs: list[str], allocators: list[str], seeds: list[int]) -> str:
@@ -267,11 +266,7 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    final = (
-        [json.loads(line) for line in (results / "final.jsonl").read_text().splitlines()]
-        if (results / "final.jsonl").exists()
-        else []
-    )
+    final = read_jsonl(results / "final.jsonl")
     lines = [
         "| env | allocator | seeds done | final eval return (mean ± std over seeds) | vs uniform | paper | "
         "training return, last 10 iterations | update s/iter | iteration s/iter | KL spent / budget |",
@@ -380,10 +375,8 @@ def study_returns(
     if at_steps is not None:
         evals = load_evals(results, env_id, variant, seeds)
         return {seed: by_step[at_steps] for seed, by_step in evals.items() if at_steps in by_step}
-    final_path = results / "final.jsonl"
-    records = [json.loads(line) for line in final_path.read_text().splitlines()] if final_path.exists() else []
     latest: dict[int, tuple[int, float]] = {}
-    for r in records:
+    for r in read_jsonl(results / "final.jsonl"):
         if r["env"] == env_id and r["allocator"] == variant and (not seeds or r["seed"] in seeds):
             steps = r.get("timesteps", 0)
             if r["seed"] not in latest or steps >= latest[r["seed"]][0]:
@@ -393,8 +386,7 @@ def study_returns(
 
 def _largest_budget(results: Path, env_id: str, variants: list[str]) -> int | None:
     """The largest ``timesteps`` of the finished runs of ``variants`` on ``env_id`` (None without any)."""
-    path = results / "final.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = read_jsonl(results / "final.jsonl")
     steps = [r.get("timesteps") for r in records if r["env"] == env_id and r["allocator"] in variants]
     return max((s for s in steps if s is not None), default=None)
 
@@ -502,12 +494,9 @@ def report_evals(results: Path, envs: list[str], variants: list[str], seeds: lis
     for env_id in envs:
         for variant in variants:
             by_step: dict[int, dict[int, float]] = {}
-            for seed in seeds:
-                path = run_dir(results, env_id, variant, seed) / "eval.jsonl"
-                if path.exists():
-                    for line in path.read_text().splitlines():
-                        record = json.loads(line)
-                        by_step.setdefault(record["timesteps"], {})[seed] = record["mean"]
+            for seed, evals in load_evals(results, env_id, variant, seeds).items():
+                for step, value in evals.items():
+                    by_step.setdefault(step, {})[seed] = value
             for step in sorted(by_step):
                 values = by_step[step]
                 per_seed = " / ".join(f"{values[s]:.0f}" for s in sorted(values))
@@ -524,8 +513,7 @@ def load_evals(results: Path, env_id: str, variant: str, seeds: list[int]) -> di
     for seed in seeds:
         path = run_dir(results, env_id, variant, seed) / "eval.jsonl"
         if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            evals[seed] = {r["timesteps"]: r["mean"] for r in records}
+            evals[seed] = {r["timesteps"]: r["mean"] for r in read_jsonl(path)}
     return evals
 
 
