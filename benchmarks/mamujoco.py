@@ -3,11 +3,14 @@
 Resumable: every run writes its per-iteration progress to
 ``<results>/<env>/<allocator>/seed<k>/progress.jsonl`` and a checkpoint every
 ``--checkpoint-every`` steps; a run cut short continues from its checkpoint. Finished runs
-append one line to ``<results>/final.jsonl``. Several workers can share the runs:
-``--worker i --n-workers n`` takes every n-th run.
+append one line to ``<results>/final.jsonl``. Several workers can share the runs: with ``--claim``
+each takes the next run no other live worker holds (a ``claim`` file in the run's folder names its
+process; a dead worker's claim is taken over), so workers stay busy however unequal the runs' costs
+(greedy's iteration costs up to 1.8x uniform's on 6 agents); ``--worker i --n-workers n`` instead
+takes every n-th run.
 
-    python benchmarks/mamujoco.py --timesteps 1000000 --seeds 0 1 2 --worker 0 --n-workers 2 &
-    python benchmarks/mamujoco.py --timesteps 1000000 --seeds 0 1 2 --worker 1 --n-workers 2 &
+    python benchmarks/mamujoco.py --timesteps 1000000 --seeds 0 1 2 --claim &
+    python benchmarks/mamujoco.py --timesteps 1000000 --seeds 0 1 2 --claim &
     python benchmarks/mamujoco.py --report          # table + learning curves into docs/
 
 The report compares final returns (mean of the last deterministic evaluation) and each
@@ -27,6 +30,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -255,6 +260,35 @@ def train_one(
     eval_env.close()
 
 
+def claim_run(folder: Path) -> bool:
+    """Take the run in ``folder`` for this process: create ``folder/claim`` (``host pid``) atomically.
+
+    False if another live process on this host holds it. A claim of a process that is gone (a killed
+    worker) is taken over; one of another host is respected (its liveness cannot be checked here).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path, me = folder / "claim", f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = path.read_text().partition(" ")
+            if host != socket.gethostname() or not pid.strip().isdigit():
+                return False
+            try:
+                os.kill(int(pid), 0)
+                return int(pid) == os.getpid()
+            except ProcessLookupError:  # the worker that claimed it is gone
+                path.unlink(missing_ok=True)
+                continue
+            except PermissionError:  # alive, another user's
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
 def load_progress(results: Path, env_id: str, allocator: str, seed: int) -> list[dict[str, Any]]:
     return read_jsonl(run_dir(results, env_id, allocator, seed) / "progress.jsonl")
 
@@ -391,6 +425,44 @@ def _largest_budget(results: Path, env_id: str, variants: list[str]) -> int | No
     return max((s for s in steps if s is not None), default=None)
 
 
+# Issue #8's target: a gain of at least this many percent over uniform, with a 95% interval above 0
+TARGET_GAIN = 10.0
+
+
+def verdict(gain: float, welch: tuple[float, float], target: float = TARGET_GAIN) -> str:
+    """What one cell says about the target: ``"beats uniform"`` (gain >= ``target`` % and the Welch interval
+    above 0), ``"+10% ruled out"`` (the interval's upper end below ``target``), else ``"inconclusive"``
+    (``"n/a"`` without an interval: fewer than 2 seeds on a side)."""
+    low, high = welch
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "n/a"
+    if gain >= target and low > 0:
+        return "beats uniform"
+    if high < target:
+        return f"+{target:.0f}% ruled out"
+    return "inconclusive"
+
+
+def floor_bindings(
+    results: Path, env_id: str, variant: str, seeds: list[int], min_kl_fraction: float = 0.5
+) -> tuple[int, int, list[int]]:
+    """How often KKT's default floor would have bound in a run without it (``kkt-nofloor``): thresholds
+    below ``min_kl_fraction * target_kl``, all thresholds, and the seeds with at least one.
+
+    Where it never binds, ``kkt_thresholds`` with the floor returns the same thresholds to the bit (the
+    water-filling ends at ``k = n`` in both cases), so the package-default KKT is the same update as W on
+    those iterations."""
+    floor = min_kl_fraction * zoo_settings(env_id)[0]["target_kl"]
+    bound, total, bound_seeds = 0, 0, []
+    for seed in seeds:
+        thresholds = [a["threshold"] for p in load_progress(results, env_id, variant, seed) for a in p["allocation"]]
+        below = sum(t < floor * (1 - 1e-9) for t in thresholds)
+        bound, total = bound + below, total + len(thresholds)
+        if below:
+            bound_seeds.append(seed)
+    return bound, total, bound_seeds
+
+
 def study_report(
     results: Path,
     envs: list[str],
@@ -402,14 +474,18 @@ def study_report(
 ) -> str:
     """Issue #8's table: per task and variant, final eval return mean ± std over seeds, the difference to
     uniform with Welch and bootstrap 95% CIs, the fraction of stuck seeds (final return below
-    ``stuck_fraction`` times uniform's median on the task) and the KL spent / budget. With ``at_steps``
-    the returns are the evaluations at that step and the KL figure covers the iterations up to it.
-    ``baseline``: the variant the others are compared with (uniform HATRPO on the same settings)."""
+    ``stuck_fraction`` times uniform's median on the task), the KL spent / budget and the cell's
+    :func:`verdict` on the target. With ``at_steps`` the returns are the evaluations at that step and the
+    KL figure covers the iterations up to it. ``baseline``: the variant the others are compared with
+    (uniform HATRPO on the same settings). Below the table: per variant, on how many tasks it beats
+    uniform, and for ``kkt-nofloor`` how often the default floor would have bound."""
     lines = [
         f"| env | variant | seeds | final eval return (mean ± std) | vs uniform | 95% CI (Welch) | 95% CI (bootstrap) "
-        f"| stuck seeds (< {stuck_fraction:.0%} of uniform's median) | KL spent / budget |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| stuck seeds (< {stuck_fraction:.0%} of uniform's median) | KL spent / budget | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    verdicts: dict[str, list[str]] = {v: [] for v in variants if v != baseline}
+    notes: list[str] = []
     for env_id in envs:
         # without at_steps: the final evaluations at the task's largest finished budget, never a mix of budgets
         budget = at_steps if at_steps is not None else _largest_budget(results, env_id, variants)
@@ -432,21 +508,36 @@ def study_report(
                 else float("nan")
             )
             kl_cell = f"{spent:.0%}" if np.isfinite(spent) else "n/a"  # n/a: no iteration recorded yet
+            if variant.startswith("kkt-nofloor") and progress:
+                bound, total, bound_seeds = floor_bindings(results, env_id, variant, seeds)
+                notes.append(
+                    f"{env_id} {variant}: the default floor (min_kl_fraction 0.5) would have bound in {bound} of "
+                    f"{total} thresholds (seeds {bound_seeds or 'none'})"
+                )
             if not values:
-                lines.append(f"| {env_id} | {variant} | 0 | running | | | | | {kl_cell} |")
+                lines.append(f"| {env_id} | {variant} | 0 | running | | | | | {kl_cell} | |")
                 continue
-            gain, welch, boot = "", "", ""
+            gain, welch, boot, cell_verdict = "", "", "", ""
             if base and variant != baseline:
-                gain = f"{100 * (np.mean(values) - np.mean(base)) / abs(np.mean(base)):+.1f}%"
+                change = 100 * (np.mean(values) - np.mean(base)) / abs(np.mean(base))
+                gain = f"{change:+.1f}%"
                 (w_lo, w_hi), (b_lo, b_hi) = difference_cis(values, base)
                 welch, boot = f"{w_lo:+.0f}% .. {w_hi:+.0f}%", f"{b_lo:+.0f}% .. {b_hi:+.0f}%"
+                cell_verdict = verdict(change, (w_lo, w_hi))
+                verdicts[variant].append(cell_verdict)
             stuck = f"{sum(v < threshold for v in values)}/{len(values)}" if np.isfinite(threshold) else "n/a"
             spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
             lines.append(
                 f"| {env_id} | {variant} | {len(values)} | {np.mean(values):.0f} ± {spread:.0f} "
-                f"| {gain} | {welch} | {boot} | {stuck} | {kl_cell} |"
+                f"| {gain} | {welch} | {boot} | {stuck} | {kl_cell} | {cell_verdict} |"
             )
-    return "\n".join(lines)
+    lines.append("")
+    for variant, said in verdicts.items():
+        counts = ", ".join(f"{said.count(v)} {v}" for v in sorted(set(said)))
+        lines.append(
+            f"{variant}: beats uniform on {said.count('beats uniform')} of {len(envs)} tasks ({counts or 'no data'})"
+        )
+    return "\n".join(lines + notes)
 
 
 def study_curves(
@@ -580,6 +671,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--n-workers", type=int, default=1)
+    parser.add_argument(
+        "--claim", action="store_true", help="share the runs with other workers dynamically (a claim file per run)"
+    )
     parser.add_argument("--report", action="store_true", help="print the table and draw the curves, train nothing")
     parser.add_argument(
         "--study-report",
@@ -614,12 +708,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     # seed-major order: a partial run still covers every allocator on every env
     runs = [(e, a, s) for s in args.seeds for e in args.envs for a in args.allocators]
-    mine = [run for i, run in enumerate(runs) if i % args.n_workers == args.worker]
+    mine = runs if args.claim else [run for i, run in enumerate(runs) if i % args.n_workers == args.worker]
     for env_id, allocator, seed in mine:
         # a run finished at a smaller budget continues from its checkpoint (staged studies: 500k, then 1M)
         if finished(args.results).get((env_id, allocator, seed), 0) >= args.timesteps:
             continue
-        train_one(args.results, env_id, allocator, seed, args.timesteps, args.checkpoint_every, args.eval_every)
+        folder = run_dir(args.results, env_id, allocator, seed)
+        if args.claim and not claim_run(folder):
+            continue
+        # another worker may have finished it between the check above and the claim
+        if args.claim and finished(args.results).get((env_id, allocator, seed), 0) >= args.timesteps:
+            (folder / "claim").unlink(missing_ok=True)
+            continue
+        try:
+            train_one(args.results, env_id, allocator, seed, args.timesteps, args.checkpoint_every, args.eval_every)
+        finally:
+            if args.claim:
+                (folder / "claim").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -353,3 +353,17 @@ def test_greedy_and_kkt_reject_unknown_options():
         GreedyAllocator(tie_break="last")
     with pytest.raises(ValueError, match="tie_break"):
         KKTAllocator(tie_break="alphabetical")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_kkt_floor_that_does_not_bind_changes_no_bit(seed):
+    # The study counts the package-default KKT (floor 0.5) as the paper's W on runs where the floor
+    # never bound (benchmarks/mamujoco.py floor_bindings): that needs identical thresholds, not close ones.
+    rng = np.random.default_rng(seed)
+    potentials = rng.uniform(0.5, 1.5, size=int(rng.integers(2, 11)))
+    total = 0.01 * potentials.size
+    free = kkt_thresholds(potentials, total_kl=total)
+    floor = 0.99 * free.min()  # below every free threshold: the floor does not bind
+    assert np.array_equal(kkt_thresholds(potentials, total_kl=total, min_kl=floor), free)
+    # and a floor above the smallest free threshold does change them
+    assert not np.array_equal(kkt_thresholds(potentials, total_kl=total, min_kl=1.01 * free.min()), free)

@@ -1,12 +1,13 @@
 """Issue #8's study report (benchmarks/mamujoco.py): confidence intervals and stuck seeds."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.mamujoco import difference_cis, study_curves, study_report
+from benchmarks.mamujoco import difference_cis, floor_bindings, study_curves, study_report, verdict
 
 
 def test_welch_interval_matches_scipy_and_bootstrap_brackets_the_difference():
@@ -63,3 +64,64 @@ def test_study_report_compares_every_variant_at_the_same_budget(tmp_path):
     # the learning curves: one PNG per task, from the seeds' evaluations
     (path,) = study_curves(tmp_path, [env], ["uniform", "kkt"], [0, 1], out_dir=tmp_path)
     assert path.name == "study_HalfCheetah-2x3.png" and path.stat().st_size > 10_000
+
+
+def test_verdict_names_the_target_only_when_the_interval_says_so():
+    assert verdict(12.0, (2.0, 22.0)) == "beats uniform"
+    assert verdict(12.0, (-1.0, 25.0)) == "inconclusive"  # large gain, interval reaches 0
+    assert verdict(6.0, (1.0, 11.0)) == "inconclusive"  # significant, but below the +10% target
+    assert verdict(-2.4, (-14.0, 9.0)) == "+10% ruled out"
+    assert verdict(5.0, (float("nan"), float("nan"))) == "n/a"
+
+
+def _write_run(root, env, variant, seed, final, thresholds):
+    folder = root / env.replace(":", "_") / variant / f"seed{seed}"
+    folder.mkdir(parents=True)
+    with (folder / "progress.jsonl").open("w") as f:
+        for i, iteration in enumerate(thresholds):
+            allocation = [{"agent": f"a{j}", "threshold": t, "kl": 0.5 * t} for j, t in enumerate(iteration)]
+            f.write(json.dumps({"timesteps": 2000 * (i + 1), "allocation": allocation}) + "\n")
+    (folder / "eval.jsonl").write_text(json.dumps({"timesteps": 4000, "mean": final, "std": 0.0}) + "\n")
+    with (root / "final.jsonl").open("a") as f:
+        record = {"env": env, "allocator": variant, "seed": seed, "timesteps": 4000, "eval_return_mean": final}
+        f.write(json.dumps(record) + "\n")
+
+
+def test_study_report_gives_verdicts_per_task_and_counts_floor_bindings(tmp_path):
+    # HalfCheetah 2x3's zoo target_kl is 0.01, so the default floor is 0.005 per agent
+    env = "mamujoco:HalfCheetah-2x3"
+    for seed, value in enumerate([5000.0, 5100.0, 4900.0]):
+        _write_run(tmp_path, env, "uniform", seed, value, [[0.01, 0.01]] * 2)
+    nofloor = {0: [[0.012, 0.008], [0.011, 0.009]], 1: [[0.0155, 0.0045], [0.01, 0.01]], 2: [[0.013, 0.007]] * 2}
+    for seed, value in enumerate([6000.0, 6100.0, 5900.0]):
+        _write_run(tmp_path, env, "kkt-nofloor", seed, value, nofloor[seed])
+    table = study_report(tmp_path, [env], ["uniform", "kkt-nofloor"], [0, 1, 2])
+    row = next(line for line in table.splitlines() if "| kkt-nofloor |" in line)
+    assert "| +20.0% | +15% .. +25% |" in row and row.endswith("| beats uniform |")
+    assert "kkt-nofloor: beats uniform on 1 of 1 tasks (1 beats uniform)" in table
+    # only seed 1's 0.0045 is below the floor 0.005
+    assert floor_bindings(tmp_path, env, "kkt-nofloor", [0, 1, 2]) == (1, 12, [1])
+    assert "would have bound in 1 of 12 thresholds (seeds [1])" in table
+
+
+def test_claims_keep_workers_off_each_others_runs_and_free_a_dead_workers(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from benchmarks.mamujoco import claim_run
+
+    folder = tmp_path / "env" / "uniform" / "seed0"
+    assert claim_run(folder)
+    assert (folder / "claim").read_text() == f"{socket.gethostname()} {os.getpid()}"
+    # a live worker's claim holds
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as live:
+        (folder / "claim").write_text(f"{socket.gethostname()} {live.pid}")
+        assert not claim_run(folder)
+        live.kill()
+    # once that worker is gone its run is taken over
+    assert claim_run(folder)
+    assert (folder / "claim").read_text().endswith(f" {os.getpid()}")
+    # another host's claim cannot be checked from here: it is respected
+    (folder / "claim").write_text(f"not-{socket.gethostname()} 1")
+    assert not claim_run(folder)
