@@ -463,6 +463,29 @@ def floor_bindings(
     return bound, total, bound_seeds
 
 
+def allocation_effect(results: Path, env_id: str, variant: str, seeds: list[int]) -> tuple[float, float, int]:
+    """How far an allocator's thresholds are from uniform ones, per iteration (medians over all recorded ones).
+
+    Returns the fraction of the iteration's budget moved away from equal shares,
+    ``sum_i |delta_i - sum(delta) / n| / (2 sum(delta))``; the first-order surrogate gain those thresholds
+    predict over equal shares *by the allocator's own potentials*, ``sqrt(n sum delta) / sum sqrt(delta) - 1``
+    (KKT without an active floor: ``delta_i`` is proportional to ``c_i^2``, so ``sum c_i sqrt(2 delta_i)``
+    against ``sum c_i sqrt(2 sum(delta) / n)`` is this ratio; an upper bound on what W can gain per
+    iteration if the potentials were exact); and the number of iterations.
+    """
+    moved, gain = [], []
+    for seed in seeds:
+        for record in load_progress(results, env_id, variant, seed):
+            delta = np.array([a["threshold"] for a in record["allocation"]], dtype=float)
+            if delta.size < 2 or delta.sum() <= 0:
+                continue
+            moved.append(float(np.abs(delta - delta.mean()).sum() / (2 * delta.sum())))
+            gain.append(float(np.sqrt(delta.size * delta.sum()) / np.sqrt(delta).sum() - 1))
+    if not moved:
+        return float("nan"), float("nan"), 0
+    return float(np.median(moved)), float(np.median(gain)), len(moved)
+
+
 def study_report(
     results: Path,
     envs: list[str],
@@ -510,9 +533,12 @@ def study_report(
             kl_cell = f"{spent:.0%}" if np.isfinite(spent) else "n/a"  # n/a: no iteration recorded yet
             if variant.startswith("kkt-nofloor") and progress:
                 bound, total, bound_seeds = floor_bindings(results, env_id, variant, seeds)
+                moved, gain, iterations = allocation_effect(results, env_id, variant, seeds)
                 notes.append(
                     f"{env_id} {variant}: the default floor (min_kl_fraction 0.5) would have bound in {bound} of "
-                    f"{total} thresholds (seeds {bound_seeds or 'none'})"
+                    f"{total} thresholds (seeds {bound_seeds or 'none'}); median iteration of {iterations}: "
+                    f"{moved:.1%} of the budget moved from equal shares, predicted surrogate gain over equal "
+                    f"shares by its own potentials {gain:+.2%}"
                 )
             if not values:
                 lines.append(f"| {env_id} | {variant} | 0 | running | | | | | {kl_cell} | |")

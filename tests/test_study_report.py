@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.mamujoco import difference_cis, floor_bindings, study_curves, study_report, verdict
+from benchmarks.mamujoco import (
+    allocation_effect,
+    difference_cis,
+    floor_bindings,
+    study_curves,
+    study_report,
+    verdict,
+)
+from sb3_hatrpo.allocators import kkt_thresholds
 
 
 def test_welch_interval_matches_scipy_and_bootstrap_brackets_the_difference():
@@ -125,3 +133,25 @@ def test_claims_keep_workers_off_each_others_runs_and_free_a_dead_workers(tmp_pa
     # another host's claim cannot be checked from here: it is respected
     (folder / "claim").write_text(f"not-{socket.gethostname()} 1")
     assert not claim_run(folder)
+
+
+def test_allocation_effect_is_the_gain_kkt_predicts_by_its_own_potentials(tmp_path):
+    # W's thresholds from known potentials: the predicted gain must be sum c sqrt(2 delta*) over
+    # sum c sqrt(2 delta_total / n), read back from the thresholds alone
+    rng = np.random.default_rng(0)
+    env, iterations, direct = "mamujoco:HalfCheetah-6x1", [], []
+    for _ in range(9):
+        c = rng.uniform(0.2, 1.0, size=6)
+        delta = kkt_thresholds(c, total_kl=0.03)
+        iterations.append(delta.tolist())
+        direct.append(np.sum(c * np.sqrt(2 * delta)) / np.sum(c * np.sqrt(2 * 0.03 / 6)) - 1)
+    _write_run(tmp_path, env, "kkt-nofloor", 0, 4000.0, iterations)
+    _, gain, n = allocation_effect(tmp_path, env, "kkt-nofloor", [0])
+    assert n == 9 and gain == pytest.approx(np.median(direct), rel=1e-9)
+    assert gain > 0
+    # equal shares move nothing and gain nothing
+    _write_run(tmp_path, env, "uniform", 0, 4000.0, [[0.005] * 6] * 3)
+    assert allocation_effect(tmp_path, env, "uniform", [0])[:2] == (0.0, pytest.approx(0.0, abs=1e-12))
+    # two agents at 0.012 / 0.008: a tenth of the budget moved
+    _write_run(tmp_path, "mamujoco:HalfCheetah-2x3", "kkt-nofloor", 0, 5000.0, [[0.012, 0.008]])
+    assert allocation_effect(tmp_path, "mamujoco:HalfCheetah-2x3", "kkt-nofloor", [0])[0] == pytest.approx(0.1)
