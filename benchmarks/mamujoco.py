@@ -149,6 +149,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "kkt-shrink": ("kkt-shrink", {"krylov_rtol": 0.05}),
     "cross-fit": ("cross-fit", {"krylov_rtol": 0.05}),
+    # control for greedy's larger KL spend: uniform thresholds, but what a line search leaves unused
+    # goes to the agents still to move (greedy passes it on by design)
+    "uniform-pass-unused": ("uniform", {"allocator_kwargs": {"pass_unused_budget": True}}),
 }
 
 

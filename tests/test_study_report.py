@@ -8,14 +8,17 @@ import pytest
 from scipy import stats
 
 from benchmarks.mamujoco import (
+    VARIANTS,
     allocation_effect,
     difference_cis,
     floor_bindings,
     study_curves,
     study_report,
+    variant_kwargs,
     verdict,
 )
-from sb3_hatrpo.allocators import kkt_thresholds
+from sb3_hatrpo import HATRPO
+from sb3_hatrpo.allocators import kkt_thresholds, make_allocator
 
 
 def test_welch_interval_matches_scipy_and_bootstrap_brackets_the_difference():
@@ -155,3 +158,22 @@ def test_allocation_effect_is_the_gain_kkt_predicts_by_its_own_potentials(tmp_pa
     # two agents at 0.012 / 0.008: a tenth of the budget moved
     _write_run(tmp_path, "mamujoco:HalfCheetah-2x3", "kkt-nofloor", 0, 5000.0, [[0.012, 0.008]])
     assert allocation_effect(tmp_path, "mamujoco:HalfCheetah-2x3", "kkt-nofloor", [0])[0] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_study_variant_builds_the_model_it_names(variant):
+    # A typo in a variant's overrides (an allocator option, a hyperparameter) must fail here, not
+    # after a study worker has spent its first run on it.
+    env_id = "mamujoco:HalfCheetah-6x1"
+    kwargs, n_envs = variant_kwargs(env_id, variant)
+    model = HATRPO("MlpPolicy", env_id, n_envs=n_envs, **kwargs)
+    try:
+        expected = make_allocator(VARIANTS[variant][0]).__class__
+        assert type(model.allocator) is expected
+        for option, value in kwargs.get("allocator_kwargs", {}).items():
+            assert getattr(model.allocator, option) == value, option
+        for name, value in VARIANTS[variant][1].items():
+            if name not in ("allocator_kwargs", "policy_kwargs"):
+                assert getattr(model, name) == value, name
+    finally:
+        model.env.close()
