@@ -421,6 +421,20 @@ def study_returns(
     return {seed: value for seed, (_, value) in latest.items()}
 
 
+def study_auc(
+    results: Path, env_id: str, variant: str, seeds: list[int], upto: int, every: int = 100_000
+) -> dict[int, float]:
+    """``{seed: mean deterministic eval return at every, 2 every, ..., upto steps}``: the area under the eval
+    curve divided by its span, a measure of sample efficiency with less seed noise than one final evaluation.
+    Seeds that lack any of those evaluations (unfinished runs) are left out."""
+    grid = range(every, upto + 1, every)
+    return {
+        seed: float(np.mean([by_step[t] for t in grid]))
+        for seed, by_step in load_evals(results, env_id, variant, seeds).items()
+        if grid and all(t in by_step for t in grid)
+    }
+
+
 def _largest_budget(results: Path, env_id: str, variants: list[str]) -> int | None:
     """The largest ``timesteps`` of the finished runs of ``variants`` on ``env_id`` (None without any)."""
     records = read_jsonl(results / "final.jsonl")
@@ -497,6 +511,8 @@ def study_report(
     stuck_fraction: float = 0.5,
     at_steps: int | None = None,
     baseline: str = "uniform",
+    metric: str = "final",
+    eval_every: int = 100_000,
 ) -> str:
     """Issue #8's table: per task and variant, final eval return mean ± std over seeds, the difference to
     uniform with Welch and bootstrap 95% CIs, the fraction of stuck seeds (final return below
@@ -504,9 +520,15 @@ def study_report(
     :func:`verdict` on the target. With ``at_steps`` the returns are the evaluations at that step and the
     KL figure covers the iterations up to it. ``baseline``: the variant the others are compared with
     (uniform HATRPO on the same settings). Below the table: per variant, on how many tasks it beats
-    uniform, and for ``kkt-nofloor`` how often the default floor would have bound."""
+    uniform, and for ``kkt-nofloor`` how often the default floor would have bound.
+
+    ``metric="auc"`` compares :func:`study_auc` (the mean of the evaluations every ``eval_every`` steps up to the
+    budget) instead of the final evaluation; stuck seeds are still judged by the final evaluation."""
+    if metric not in ("final", "auc"):
+        raise ValueError(f"metric must be 'final' or 'auc', not {metric!r}")
+    measure = "final eval return" if metric == "final" else f"AUC: mean eval return every {eval_every:,} steps"
     lines = [
-        f"| env | variant | seeds | final eval return (mean ± std) | vs uniform | 95% CI (Welch) | 95% CI (bootstrap) "
+        f"| env | variant | seeds | {measure} (mean ± std) | vs uniform | 95% CI (Welch) | 95% CI (bootstrap) "
         f"| stuck seeds (< {stuck_fraction:.0%} of uniform's median) | KL spent / budget | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -515,12 +537,22 @@ def study_report(
     for env_id in envs:
         # without at_steps: the final evaluations at the task's largest finished budget, never a mix of budgets
         budget = at_steps if at_steps is not None else _largest_budget(results, env_id, variants)
-        finals = {v: list(study_returns(results, env_id, v, seeds, budget).values()) for v in variants}
-        base = finals.get(baseline, [])
+        finals = {v: study_returns(results, env_id, v, seeds, budget) for v in variants}
+        if metric == "auc" and budget is not None:
+            compared = {v: study_auc(results, env_id, v, seeds, budget, eval_every) for v in variants}
+        else:
+            compared = finals
+        base = list(compared.get(baseline, {}).values())
+        base_finals = list(finals.get(baseline, {}).values())
         # stuck needs a positive reference: with uniform's median <= 0 (no learning yet) it is undefined
-        threshold = stuck_fraction * float(np.median(base)) if base and np.median(base) > 0 else float("nan")
+        threshold = (
+            stuck_fraction * float(np.median(base_finals))
+            if base_finals and np.median(base_finals) > 0
+            else float("nan")
+        )
         for variant in variants:
-            values = finals[variant]
+            values = list(compared[variant].values())
+            final_values = [finals[variant][seed] for seed in compared[variant] if seed in finals[variant]]
             progress = [
                 p
                 for s in seeds
@@ -554,7 +586,9 @@ def study_report(
                 welch, boot = f"{w_lo:+.0f}% .. {w_hi:+.0f}%", f"{b_lo:+.0f}% .. {b_hi:+.0f}%"
                 cell_verdict = verdict(change, (w_lo, w_hi))
                 verdicts[variant].append(cell_verdict)
-            stuck = f"{sum(v < threshold for v in values)}/{len(values)}" if np.isfinite(threshold) else "n/a"
+            stuck = (
+                f"{sum(v < threshold for v in final_values)}/{len(final_values)}" if np.isfinite(threshold) else "n/a"
+            )
             spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
             lines.append(
                 f"| {env_id} | {variant} | {len(values)} | {np.mean(values):.0f} ± {spread:.0f} "
@@ -714,6 +748,12 @@ def main(argv: list[str] | None = None) -> None:
         "--at-steps", type=int, default=None, help="--study-report: compare the evaluations at this step"
     )
     parser.add_argument("--baseline", default="uniform", help="--study-report: the variant compared against")
+    parser.add_argument(
+        "--metric",
+        choices=["final", "auc"],
+        default="final",
+        help="--study-report: compare the final evaluation, or the mean of all evaluations up to the budget (AUC)",
+    )
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -726,7 +766,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.study_report:
         print(
             study_report(
-                args.results, args.envs, args.allocators, args.seeds, args.stuck_fraction, args.at_steps, args.baseline
+                args.results,
+                args.envs,
+                args.allocators,
+                args.seeds,
+                args.stuck_fraction,
+                args.at_steps,
+                args.baseline,
+                args.metric,
+                args.eval_every,
             )
         )
         for path in study_curves(args.results, args.envs, args.allocators, args.seeds):

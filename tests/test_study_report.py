@@ -12,6 +12,7 @@ from benchmarks.mamujoco import (
     allocation_effect,
     difference_cis,
     floor_bindings,
+    study_auc,
     study_curves,
     study_report,
     variant_kwargs,
@@ -177,3 +178,36 @@ def test_every_study_variant_builds_the_model_it_names(variant):
                 assert getattr(model, name) == value, name
     finally:
         model.env.close()
+
+
+def test_auc_metric_averages_every_evaluation_and_keeps_stuck_on_the_final_one(tmp_path):
+    env = "mamujoco:HalfCheetah-2x3"
+    evals = {
+        ("uniform", 0): {100: 1000.0, 200: 2000.0, 300: 3000.0},
+        ("uniform", 1): {100: 1200.0, 200: 2200.0, 300: 3200.0},
+        # learns late: a lower AUC, the same final return as uniform's seed 0
+        ("kkt", 0): {100: 0.0, 200: 600.0, 300: 3000.0},
+        # ends low (stuck by its final evaluation) after a fast start
+        ("kkt", 1): {100: 2000.0, 200: 2000.0, 300: 1000.0},
+        ("kkt", 2): {100: 900.0, 300: 3100.0},  # an evaluation missing: not in the AUC cell
+    }
+    for (variant, seed), by_step in evals.items():
+        folder = tmp_path / "mamujoco_HalfCheetah-2x3" / variant / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "eval.jsonl").write_text(
+            "".join(json.dumps({"timesteps": t, "mean": m, "std": 0.0}) + "\n" for t, m in by_step.items())
+        )
+    assert study_auc(tmp_path, env, "kkt", [0, 1, 2], upto=300, every=100) == {0: 1200.0, 1: 5000.0 / 3}
+    assert study_auc(tmp_path, env, "kkt", [0, 1, 2], upto=200, every=100) == {0: 300.0, 1: 2000.0}
+
+    table = study_report(tmp_path, [env], ["uniform", "kkt"], [0, 1, 2], at_steps=300, metric="auc", eval_every=100)
+    assert "AUC: mean eval return every 100 steps" in table.splitlines()[0]
+    uniform = next(line for line in table.splitlines() if "| uniform |" in line)
+    kkt = next(line for line in table.splitlines() if "| kkt |" in line)
+    assert "| 2 | 2100 ± 141 |" in uniform
+    # (1200 + 1666.7) / 2 = 1433 against 2100: -31.7%; seed 1's final 1000 < half of uniform's median final 3100
+    assert "| 2 | 1433 ± 330 | -31.7% |" in kkt and "| 1/2 |" in kkt
+    final = study_report(tmp_path, [env], ["uniform", "kkt"], [0, 1, 2], at_steps=300)
+    assert "| 3 | 2367 ± 1185 |" in next(line for line in final.splitlines() if "| kkt |" in line)
+    with pytest.raises(ValueError, match="metric"):
+        study_report(tmp_path, [env], ["uniform", "kkt"], [0], metric="median")
