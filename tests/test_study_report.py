@@ -12,6 +12,8 @@ from benchmarks.mamujoco import (
     allocation_effect,
     difference_cis,
     floor_bindings,
+    parse_baselines,
+    pooled_difference,
     study_auc,
     study_curves,
     study_report,
@@ -211,3 +213,50 @@ def test_auc_metric_averages_every_evaluation_and_keeps_stuck_on_the_final_one(t
     assert "| 3 | 2367 ± 1185 |" in next(line for line in final.splitlines() if "| kkt |" in line)
     with pytest.raises(ValueError, match="metric"):
         study_report(tmp_path, [env], ["uniform", "kkt"], [0], metric="median")
+
+
+def test_pooled_difference_weights_tasks_by_their_precision():
+    mean, low, high, p_q = pooled_difference([10.0, -2.0], [5.0, 5.0])
+    assert mean == pytest.approx(4.0) and (low, high) == pytest.approx(
+        (4.0 - 1.96 * 5 / np.sqrt(2), 4.0 + 6.93), abs=0.01
+    )
+    assert p_q == pytest.approx(stats.chi2.sf(2.88, 1))  # Q = (6^2 + 6^2) / 25
+    # a precise task dominates a noisy one
+    mean, _, _, _ = pooled_difference([10.0, -2.0], [1.0, 10.0])
+    assert mean == pytest.approx((10.0 - 2.0 / 100) / (1 + 1 / 100))
+    assert all(np.isnan(x) for x in pooled_difference([3.0], [1.0]))
+
+
+def test_study_report_takes_a_baseline_per_task_and_pools_the_tasks(tmp_path):
+    finals = {
+        ("mamujoco:HalfCheetah-2x3", "uniform-half-batch"): [2000.0, 2200.0, 2400.0],
+        ("mamujoco:HalfCheetah-2x3", "kkt"): [2100.0, 2300.0, 2500.0],
+        ("mamujoco:HalfCheetah-6x1", "uniform"): [1000.0, 1100.0, 1200.0],
+        ("mamujoco:HalfCheetah-6x1", "kkt"): [1000.0, 1100.0, 1200.0],
+    }
+    with (tmp_path / "final.jsonl").open("w") as f:
+        for (env, variant), returns in finals.items():
+            for seed, value in enumerate(returns):
+                record = {"env": env, "allocator": variant, "seed": seed, "eval_return_mean": value}
+                f.write(json.dumps(record) + "\n")
+    envs = ["mamujoco:HalfCheetah-2x3", "mamujoco:HalfCheetah-6x1"]
+    table = study_report(
+        tmp_path,
+        envs,
+        ["uniform", "uniform-half-batch", "kkt"],
+        [0, 1, 2],
+        baselines={"mamujoco:HalfCheetah-2x3": "uniform-half-batch"},
+    )
+    rows = [line for line in table.splitlines() if line.startswith("| mamujoco")]
+    assert [row.split(" | ")[1] for row in rows] == ["uniform-half-batch", "kkt", "uniform", "kkt"]
+    assert "| +4.5% |" in rows[1] and "| +0.0% |" in rows[3]
+    # both tasks' differences have the same standard error in %: 200 / sqrt(3) / 2200 and 100 / sqrt(3) / 1100
+    assert "kkt: beats uniform on 0 of 2 tasks" in table
+    assert "pooled over 2 tasks (fixed effect): +2.3%" in table
+    assert not any(line.startswith("uniform") for line in table.splitlines())  # baselines get no verdict line
+    assert parse_baselines(["uniform", "mamujoco:HalfCheetah-2x3=uniform-half-batch"]) == (
+        "uniform",
+        {"mamujoco:HalfCheetah-2x3": "uniform-half-batch"},
+    )
+    with pytest.raises(SystemExit, match="unknown variant"):
+        parse_baselines(["mamujoco:HalfCheetah-2x3=uniform-typo"])
