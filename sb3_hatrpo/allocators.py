@@ -93,14 +93,12 @@ def candidate_order(agents: list[str], tie_break: str, rng: np.random.Generator)
 def rank(scores: dict[str, float], tie_break: str, rng: np.random.Generator) -> list[str]:
     """Agents by descending score, ties resolved by :func:`candidate_order`.
 
-    With ``"random"``, scores equal to 6 significant digits are ties: conjugate gradient starts from a
-    tiny random vector, so identical agents get potentials that differ around the 8th digit, which
-    would otherwise decide every tie.
+    Scores equal to 6 significant digits are ties, with either ``tie_break``: conjugate gradient starts
+    from a tiny random vector, so identical agents get potentials that differ around the 8th digit, which
+    would otherwise decide every tie by that noise (``"order"`` would not give it to the first agent).
     """
     pool = candidate_order(list(scores), tie_break, rng)
-    if tie_break == "random":
-        return sorted(pool, key=lambda a: -float(f"{scores[a]:.6g}"))
-    return sorted(pool, key=lambda a: -scores[a])  # stable: the first of equal scores stays first
+    return sorted(pool, key=lambda a: -float(f"{scores[a]:.6g}"))  # stable: the first of equal scores stays first
 
 
 class BaseAllocator(ABC):
@@ -194,8 +192,9 @@ class KKTAllocator(BaseAllocator):
         move with what is left of the budget (the line search rarely spends all of a threshold)
     :param potential_smoothing: exponential moving average of each agent's potential across
         iterations, ``c <- smoothing * c_prev + (1 - smoothing) * c``; 0 is the paper's version
-    :param tie_break: order among equal potentials: ``"order"`` (``possible_agents``, a stable sort:
-        the package's original behaviour) or ``"random"`` (the iteration's generator)
+    :param tie_break: order among equal potentials (equal to 6 significant digits): ``"order"``
+        (``possible_agents``, a stable sort: the first agent wins, the package's original behaviour) or
+        ``"random"`` (the iteration's generator)
     """
 
     name = "kkt"
@@ -289,8 +288,9 @@ class GreedyAllocator(BaseAllocator):
 
     :param eps: added to the KL in the ratio, so a tiny step cannot get an unbounded ratio
     :param ratio: ``"paper"`` (default), ``"fraction-corrected"`` or ``"common-fraction"``
-    :param tie_break: among equal ratios, ``"order"`` (``possible_agents``: the first wins, the
-        package's original behaviour) or ``"random"`` (the iteration's generator)
+    :param tie_break: among equal ratios (equal to 6 significant digits), ``"order"``
+        (``possible_agents``: the first wins, the package's original behaviour) or ``"random"`` (the
+        iteration's generator)
     """
 
     name = "greedy"

@@ -12,6 +12,7 @@ from sb3_hatrpo.allocators import (
     UniformAllocator,
     kkt_thresholds,
     make_allocator,
+    rank,
 )
 from tests.problems import make_problem, planner_for
 
@@ -344,6 +345,18 @@ def test_kkt_ties_go_to_the_first_agent_unless_broken_at_random():
             firsts[tie_break].add(results[0].agent)
     assert firsts["order"] == {"agent_0"}
     assert len(firsts["random"]) > 1
+
+
+def test_rank_treats_scores_equal_to_six_digits_as_ties_in_either_mode():
+    rng = np.random.default_rng(0)
+    # CG's random start: identical agents differ around the 8th digit; "order" still gives the tie to the first
+    assert rank({"a": 0.3740594, "b": 0.37405941, "c": 0.1}, "order", rng) == ["a", "b", "c"]
+    assert rank({"b": 0.37405941, "a": 0.3740594}, "order", rng) == ["b", "a"]
+    # a difference in the 6th significant digit is not a tie
+    assert rank({"a": 0.374059, "b": 0.374060}, "order", rng) == ["b", "a"]
+    assert rank({"a": 0.374059, "b": 0.374060}, "random", rng) == ["b", "a"]
+    firsts = {rank({"a": 1.0, "b": 1.00000001}, "random", np.random.default_rng(seed))[0] for seed in range(20)}
+    assert firsts == {"a", "b"}
 
 
 def test_greedy_and_kkt_reject_unknown_options():
