@@ -375,6 +375,11 @@ def report(results: Path, envs: list[str], allocators: list[str], seeds: list[in
     return "\n".join(lines)
 
 
+def difference_se(values: list[float], base: list[float]) -> float:
+    """Standard error of ``mean(values) - mean(base)`` with unequal variances (Welch): ``sqrt(s1^2/n1 + s2^2/n2)``."""
+    return float(np.sqrt(np.var(values, ddof=1) / len(values) + np.var(base, ddof=1) / len(base)))
+
+
 def difference_cis(
     values: list[float], base: list[float], n_boot: int = 10_000, seed: int = 0
 ) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -393,7 +398,7 @@ def difference_cis(
     scale = 100.0 / abs(np.mean(b))
     diff = np.mean(a) - np.mean(b)
     va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    se = np.sqrt(va + vb)
+    se = difference_se(values, base)
     nu = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else 1.0
     half = float(stats.t.ppf(0.975, nu) * se)
     rng = np.random.default_rng(seed)
@@ -610,8 +615,7 @@ def study_report(
             if base and variant != env_baseline:
                 change = 100 * (np.mean(values) - np.mean(base)) / abs(np.mean(base))
                 if len(values) > 1 and len(base) > 1:
-                    se = np.sqrt(np.var(values, ddof=1) / len(values) + np.var(base, ddof=1) / len(base))
-                    differences[variant].append((change, float(100 * se / abs(np.mean(base)))))
+                    differences[variant].append((change, 100 * difference_se(values, base) / abs(np.mean(base))))
                 gain = f"{change:+.1f}%"
                 (w_lo, w_hi), (b_lo, b_hi) = difference_cis(values, base)
                 welch, boot = f"{w_lo:+.0f}% .. {w_hi:+.0f}%", f"{b_lo:+.0f}% .. {b_hi:+.0f}%"
