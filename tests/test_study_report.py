@@ -50,6 +50,15 @@ def test_study_report_counts_stuck_seeds_and_reports_the_difference(tmp_path):
     assert "| 0/3 |" in next(line for line in table.splitlines() if "| uniform |" in line)
 
 
+def _write_evals(root, env, variant, seed, by_step):
+    """A run's ``eval.jsonl``: ``{timesteps: deterministic eval return}``."""
+    folder = root / env.replace(":", "_") / variant / f"seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "eval.jsonl").write_text(
+        "".join(json.dumps({"timesteps": t, "mean": m, "std": 0.0}) + "\n" for t, m in by_step.items())
+    )
+
+
 def test_study_report_compares_every_variant_at_the_same_budget(tmp_path):
     # A staged study: kkt seed 1 finished at 500k only; uniform and kkt seed 0 went on to 1M.
     env = "mamujoco:HalfCheetah-2x3"
@@ -61,11 +70,7 @@ def test_study_report_compares_every_variant_at_the_same_budget(tmp_path):
     }
     with (tmp_path / "final.jsonl").open("w") as f:
         for (variant, seed), by_step in evals.items():
-            folder = tmp_path / "mamujoco_HalfCheetah-2x3" / variant / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "eval.jsonl").write_text(
-                "".join(json.dumps({"timesteps": t, "mean": m, "std": 0.0}) + "\n" for t, m in by_step.items())
-            )
+            _write_evals(tmp_path, env, variant, seed, by_step)
             for steps, value in by_step.items():
                 record = {"env": env, "allocator": variant, "seed": seed, "timesteps": steps}
                 f.write(json.dumps({**record, "eval_return_mean": value + 1.0}) + "\n")
@@ -194,11 +199,7 @@ def test_auc_metric_averages_every_evaluation_and_keeps_stuck_on_the_final_one(t
         ("kkt", 2): {100: 900.0, 300: 3100.0},  # an evaluation missing: not in the AUC cell
     }
     for (variant, seed), by_step in evals.items():
-        folder = tmp_path / "mamujoco_HalfCheetah-2x3" / variant / f"seed{seed}"
-        folder.mkdir(parents=True)
-        (folder / "eval.jsonl").write_text(
-            "".join(json.dumps({"timesteps": t, "mean": m, "std": 0.0}) + "\n" for t, m in by_step.items())
-        )
+        _write_evals(tmp_path, env, variant, seed, by_step)
     assert study_auc(tmp_path, env, "kkt", [0, 1, 2], upto=300, every=100) == {0: 1200.0, 1: 5000.0 / 3}
     assert study_auc(tmp_path, env, "kkt", [0, 1, 2], upto=200, every=100) == {0: 300.0, 1: 2000.0}
 
