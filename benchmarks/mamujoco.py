@@ -380,6 +380,15 @@ def difference_se(values: list[float], base: list[float]) -> float:
     return float(np.sqrt(np.var(values, ddof=1) / len(values) + np.var(base, ddof=1) / len(base)))
 
 
+def welch_df(values: list[float], base: list[float]) -> float:
+    """Welch-Satterthwaite degrees of freedom of :func:`difference_se`:
+    ``(v1 + v2)^2 / (v1^2 / (n1 - 1) + v2^2 / (n2 - 1))`` with ``v = s^2 / n`` (1 when both spreads are 0)."""
+    va, vb = np.var(values, ddof=1) / len(values), np.var(base, ddof=1) / len(base)
+    if va + vb == 0:
+        return 1.0
+    return float((va + vb) ** 2 / (va**2 / (len(values) - 1) + vb**2 / (len(base) - 1)))
+
+
 def difference_cis(
     values: list[float], base: list[float], n_boot: int = 10_000, seed: int = 0
 ) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -397,10 +406,7 @@ def difference_cis(
         return nan, nan
     scale = 100.0 / abs(np.mean(b))
     diff = np.mean(a) - np.mean(b)
-    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    se = difference_se(values, base)
-    nu = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else 1.0
-    half = float(stats.t.ppf(0.975, nu) * se)
+    half = float(stats.t.ppf(0.975, welch_df(values, base)) * difference_se(values, base))
     rng = np.random.default_rng(seed)
     boot_a = rng.choice(a, (n_boot, len(a))).mean(axis=1)
     boot_b = rng.choice(b, (n_boot, len(b))).mean(axis=1)
@@ -447,13 +453,18 @@ def _largest_budget(results: Path, env_id: str, variants: list[str]) -> int | No
     return max((s for s in steps if s is not None), default=None)
 
 
-def pooled_difference(diffs: list[float], ses: list[float]) -> tuple[float, float, float, float]:
+def pooled_difference(
+    diffs: list[float], ses: list[float], dfs: list[float] | None = None
+) -> tuple[float, float, float, float]:
     """Fixed-effect (inverse-variance) pooling of per-task differences to uniform, in %.
 
-    ``d = sum(w_t d_t) / sum(w_t)`` with ``w_t = 1 / se_t^2``, 95% interval ``d +- 1.96 / sqrt(sum w_t)``
-    (normal quantile: with 10 seeds a side each task's t quantile is about 2.1, so this interval is a few
-    percent too narrow), and the p-value of Cochran's ``Q = sum w_t (d_t - d)^2`` on ``T - 1`` degrees of
-    freedom: a small one says the tasks disagree and the pooled figure hides it. ``nan`` without 2 tasks.
+    ``d = sum(w_t d_t) / sum(w_t)`` with ``w_t = 1 / se_t^2``, 95% interval ``d +- q / sqrt(sum w_t)``, and
+    the p-value of Cochran's ``Q = sum w_t (d_t - d)^2`` on ``T - 1`` degrees of freedom: a small one says
+    the tasks disagree and the pooled figure hides it. ``nan`` without 2 tasks. With each task's Welch
+    degrees of freedom ``dfs`` (:func:`welch_df`), ``q`` is Student's t quantile on the Satterthwaite
+    ``nu = (sum w_t)^2 / sum(w_t^2 / nu_t)`` (the pooled variance ``1 / sum w_t`` is the sum of the terms
+    ``w_t / (sum w_t)^2``); without them the normal 1.96, which is too narrow with 10 seeds a side. The
+    weights are treated as known, as fixed-effect pooling does.
     """
     from scipy import stats
 
@@ -462,7 +473,12 @@ def pooled_difference(diffs: list[float], ses: list[float]) -> tuple[float, floa
         return (float("nan"),) * 4  # type: ignore[return-value]
     w = 1.0 / se**2
     mean = float(np.sum(w * d) / np.sum(w))
-    half = 1.96 / float(np.sqrt(np.sum(w)))
+    if dfs is None:
+        quantile = 1.96
+    else:
+        nu = float(np.sum(w) ** 2 / np.sum(w**2 / np.asarray(dfs, dtype=float)))
+        quantile = float(stats.t.ppf(0.975, nu))
+    half = quantile / float(np.sqrt(np.sum(w)))
     q = float(np.sum(w * (d - mean) ** 2))
     return mean, mean - half, mean + half, float(stats.chi2.sf(q, len(d) - 1))
 
@@ -562,7 +578,8 @@ def study_report(
     ]
     task_baseline = {env_id: (baselines or {}).get(env_id, baseline) for env_id in envs}
     verdicts: dict[str, list[str]] = {v: [] for v in variants if v not in task_baseline.values()}
-    differences: dict[str, list[tuple[float, float]]] = {v: [] for v in verdicts}  # (diff %, its standard error %)
+    # (diff %, its standard error %, its Welch degrees of freedom)
+    differences: dict[str, list[tuple[float, float, float]]] = {v: [] for v in verdicts}
     notes: list[str] = []
     for env_id in envs:
         env_baseline = task_baseline[env_id]
@@ -615,7 +632,8 @@ def study_report(
             if base and variant != env_baseline:
                 change = 100 * (np.mean(values) - np.mean(base)) / abs(np.mean(base))
                 if len(values) > 1 and len(base) > 1:
-                    differences[variant].append((change, 100 * difference_se(values, base) / abs(np.mean(base))))
+                    se = 100 * difference_se(values, base) / abs(np.mean(base))
+                    differences[variant].append((change, se, welch_df(values, base)))
                 gain = f"{change:+.1f}%"
                 (w_lo, w_hi), (b_lo, b_hi) = difference_cis(values, base)
                 welch, boot = f"{w_lo:+.0f}% .. {w_hi:+.0f}%", f"{b_lo:+.0f}% .. {b_hi:+.0f}%"

@@ -19,6 +19,7 @@ from benchmarks.mamujoco import (
     study_report,
     variant_kwargs,
     verdict,
+    welch_df,
 )
 from sb3_hatrpo import HATRPO
 from sb3_hatrpo.allocators import kkt_thresholds, make_allocator
@@ -228,6 +229,25 @@ def test_pooled_difference_weights_tasks_by_their_precision():
     assert all(np.isnan(x) for x in pooled_difference([3.0], [1.0]))
 
 
+def test_pooled_difference_uses_the_t_quantile_on_the_satterthwaite_degrees_of_freedom():
+    # two equally precise tasks, each on 9 Welch degrees of freedom: nu = (2/25)^2 / (2 (1/25)^2 / 9) = 18
+    mean, low, high, _ = pooled_difference([10.0, -2.0], [5.0, 5.0], dfs=[9.0, 9.0])
+    half = stats.t.ppf(0.975, 18) * 5 / np.sqrt(2)
+    assert mean == pytest.approx(4.0) and (low, high) == pytest.approx((4.0 - half, 4.0 + half))
+    # a task measured on 1 degree of freedom widens the interval far more than one on 1000
+    _, low_1, high_1, _ = pooled_difference([10.0, -2.0], [5.0, 5.0], dfs=[1.0, 9.0])
+    _, low_big, high_big, _ = pooled_difference([10.0, -2.0], [5.0, 5.0], dfs=[1000.0, 1000.0])
+    assert high_1 - low_1 > high - low > high_big - low_big
+    assert high_big - low_big == pytest.approx(2 * 1.96 * 5 / np.sqrt(2), rel=2e-3)
+
+
+def test_welch_df_is_n_minus_one_a_side_for_equal_spreads_and_sizes():
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 5.0]
+    assert welch_df(a, b) == pytest.approx(6.0)  # 2 (n - 1) for equal variances and sizes
+    assert welch_df([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]) == pytest.approx(3.0)  # all from one side
+    assert welch_df([1.0, 1.0], [2.0, 2.0]) == 1.0
+
+
 def test_study_report_takes_a_baseline_per_task_and_pools_the_tasks(tmp_path):
     finals = {
         ("mamujoco:HalfCheetah-2x3", "uniform-half-batch"): [2000.0, 2200.0, 2400.0],
@@ -253,7 +273,8 @@ def test_study_report_takes_a_baseline_per_task_and_pools_the_tasks(tmp_path):
     assert "| +4.5% |" in rows[1] and "| +0.0% |" in rows[3]
     # both tasks' differences have the same standard error in %: 200 / sqrt(3) / 2200 and 100 / sqrt(3) / 1100
     assert "kkt: beats uniform on 0 of 2 tasks" in table
-    assert "pooled over 2 tasks (fixed effect): +2.3%" in table
+    # each task's Welch df is 4, so the pooled interval takes t on 8 df: 2.27 +- 2.306 * 7.42 / sqrt(2)
+    assert "pooled over 2 tasks (fixed effect): +2.3% (95% CI -9.8% .. +14.4%" in table
     assert not any(line.startswith("uniform") for line in table.splitlines())  # baselines get no verdict line
     assert parse_baselines(["uniform", "mamujoco:HalfCheetah-2x3=uniform-half-batch"]) == (
         "uniform",
