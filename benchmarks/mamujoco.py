@@ -521,6 +521,25 @@ def floor_bindings(
     return bound, total, bound_seeds
 
 
+def default_kkt_seeds_from_w(results: Path, env_id: str, seeds: list[int]) -> list[int]:
+    """Seeds on which the package-default KKT's run *is* W's run: no ``kkt`` run of its own, and a ``kkt-nofloor``
+    run whose thresholds never fell below the default floor (:func:`floor_bindings`, over the whole run).
+
+    The two variants differ only in ``min_kl_fraction``; where the floor does not bind, ``kkt_thresholds``
+    returns W's thresholds to the bit, so on the host that ran W the default KKT makes the same update in
+    every iteration and ends in the same policy. Its cell can then count W's run for that seed instead of
+    spending a run on a copy. A seed whose W run met the floor once needs a run of its own."""
+    borrowed = []
+    for seed in seeds:
+        if (run_dir(results, env_id, "kkt", seed) / "progress.jsonl").exists():
+            continue
+        if not load_progress(results, env_id, "kkt-nofloor", seed):
+            continue
+        if floor_bindings(results, env_id, "kkt-nofloor", [seed])[0] == 0:
+            borrowed.append(seed)
+    return borrowed
+
+
 def allocation_effect(results: Path, env_id: str, variant: str, seeds: list[int]) -> tuple[float, float, int]:
     """How far an allocator's thresholds are from uniform ones, per iteration (medians over all recorded ones).
 
@@ -555,6 +574,7 @@ def study_report(
     metric: str = "final",
     eval_every: int = 100_000,
     baselines: dict[str, str] | None = None,
+    default_kkt_from_w: bool = False,
 ) -> str:
     """Issue #8's table: per task and variant, final eval return mean ± std over seeds, the difference to
     uniform with Welch and bootstrap 95% CIs, the fraction of stuck seeds (final return below
@@ -567,7 +587,10 @@ def study_report(
     (:func:`pooled_difference`), and for ``kkt-nofloor`` how often the default floor would have bound.
 
     ``metric="auc"`` compares :func:`study_auc` (the mean of the evaluations every ``eval_every`` steps up to the
-    budget) instead of the final evaluation; stuck seeds are still judged by the final evaluation."""
+    budget) instead of the final evaluation; stuck seeds are still judged by the final evaluation.
+
+    ``default_kkt_from_w``: the ``kkt`` cell also counts W's runs on the seeds of
+    :func:`default_kkt_seeds_from_w` (the same updates to the bit), named in a note below the table."""
     if metric not in ("final", "auc"):
         raise ValueError(f"metric must be 'final' or 'auc', not {metric!r}")
     measure = "final eval return" if metric == "final" else f"AUC: mean eval return every {eval_every:,} steps"
@@ -585,9 +608,33 @@ def study_report(
         env_baseline = task_baseline[env_id]
         # without at_steps: the final evaluations at the task's largest finished budget, never a mix of budgets
         budget = at_steps if at_steps is not None else _largest_budget(results, env_id, variants)
-        finals = {v: study_returns(results, env_id, v, seeds, budget) for v in variants}
+        # where a variant's seed is another variant's run: {variant: {source variant: seeds}}
+        sources = {v: {v: seeds} for v in variants}
+        if default_kkt_from_w and "kkt" in variants:
+            borrowed = default_kkt_seeds_from_w(results, env_id, seeds)
+            if borrowed:
+                sources["kkt"] = {"kkt": [s for s in seeds if s not in borrowed], "kkt-nofloor": borrowed}
+                notes.append(
+                    f"{env_id} kkt: seeds {borrowed} are kkt-nofloor's runs (the default floor never bound in them: "
+                    "on the host that ran them, the same updates to the bit)"
+                )
+        finals = {
+            v: {
+                s: r
+                for src, ss in sources[v].items()
+                for s, r in study_returns(results, env_id, src, ss, budget).items()
+            }
+            for v in variants
+        }
         if metric == "auc" and budget is not None:
-            compared = {v: study_auc(results, env_id, v, seeds, budget, eval_every) for v in variants}
+            compared = {
+                v: {
+                    s: r
+                    for src, ss in sources[v].items()
+                    for s, r in study_auc(results, env_id, src, ss, budget, eval_every).items()
+                }
+                for v in variants
+            }
         else:
             compared = finals
         base = list(compared.get(env_baseline, {}).values())
@@ -605,8 +652,9 @@ def study_report(
             final_values = [finals[variant][seed] for seed in compared[variant] if seed in finals[variant]]
             progress = [
                 p
-                for s in seeds
-                for p in load_progress(results, env_id, variant, s)
+                for src, ss in sources[variant].items()
+                for s in ss
+                for p in load_progress(results, env_id, src, s)
                 if at_steps is None or p["timesteps"] <= at_steps
             ]
             spent = (
@@ -833,6 +881,12 @@ def main(argv: list[str] | None = None) -> None:
         default="final",
         help="--study-report: compare the final evaluation, or the mean of all evaluations up to the budget (AUC)",
     )
+    parser.add_argument(
+        "--default-kkt-from-w",
+        action="store_true",
+        help="--study-report: the kkt cell counts W's (kkt-nofloor's) run on a seed without a kkt run of its own "
+        "where the default floor never bound (the same updates to the bit)",
+    )
     args = parser.parse_args(argv)
     th.set_num_threads(1)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -856,6 +910,7 @@ def main(argv: list[str] | None = None) -> None:
                 metric=args.metric,
                 eval_every=args.eval_every,
                 baselines=baselines,
+                default_kkt_from_w=args.default_kkt_from_w,
             )
         )
         for path in study_curves(args.results, args.envs, args.allocators, args.seeds):

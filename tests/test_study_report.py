@@ -10,6 +10,7 @@ from scipy import stats
 from benchmarks.mamujoco import (
     VARIANTS,
     allocation_effect,
+    default_kkt_seeds_from_w,
     difference_cis,
     floor_bindings,
     parse_baselines,
@@ -122,6 +123,32 @@ def test_study_report_gives_verdicts_per_task_and_counts_floor_bindings(tmp_path
     # only seed 1's 0.0045 is below the floor 0.005
     assert floor_bindings(tmp_path, env, "kkt-nofloor", [0, 1, 2]) == (1, 12, [1])
     assert "would have bound in 1 of 12 thresholds (seeds [1])" in table
+
+
+def test_default_kkt_counts_ws_run_only_where_w_never_met_the_floor_and_it_has_no_run_of_its_own(tmp_path):
+    env = "mamujoco:HalfCheetah-2x3"  # floor 0.005 per agent
+    for seed in range(4):
+        _write_run(tmp_path, env, "uniform", seed, 5000.0 + 10 * seed, [[0.01, 0.01]])
+    # seed 0: W never met the floor, no kkt run -> W's run counts (and its KL: 0.03 of 0.02, 150%)
+    _write_run(tmp_path, env, "kkt-nofloor", 0, 6000.0, [[0.05, 0.01]])
+    # seed 1: W met the floor (0.004) -> the default KKT would have parted from it: not counted
+    _write_run(tmp_path, env, "kkt-nofloor", 1, 6100.0, [[0.016, 0.004]])
+    # seed 2: a kkt run of its own wins over W's
+    _write_run(tmp_path, env, "kkt-nofloor", 2, 5900.0, [[0.01, 0.01]])
+    _write_run(tmp_path, env, "kkt", 2, 5200.0, [[0.01, 0.01]])
+    _write_run(tmp_path, env, "kkt", 3, 5400.0, [[0.01, 0.01]])
+    assert default_kkt_seeds_from_w(tmp_path, env, [0, 1, 2, 3]) == [0]
+
+    def kkt_row(**kwargs):
+        table = study_report(tmp_path, [env], ["uniform", "kkt"], [0, 1, 2, 3], **kwargs)
+        return next(line for line in table.splitlines() if "| kkt |" in line), table
+
+    row, table = kkt_row(default_kkt_from_w=True)
+    # seeds 0 (W's 6000), 2 (its own 5200, not W's 5900) and 3: 5533 ± 416; KL (150% + 50% + 50%) / 3
+    assert "| kkt | 3 | 5533 ± 416 |" in row and "| 83% |" in row
+    assert "kkt: seeds [0] are kkt-nofloor's runs" in table
+    row, table = kkt_row()  # off by default: only its own runs
+    assert "| kkt | 2 | 5300 ± 141 |" in row and "| 50% |" in row and "kkt-nofloor's runs" not in table
 
 
 def test_claims_keep_workers_off_each_others_runs_and_free_a_dead_workers(tmp_path):
