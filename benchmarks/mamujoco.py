@@ -684,7 +684,9 @@ def study_report(
                     differences[variant].append((change, se, welch_df(values, base)))
                 gain = f"{change:+.1f}%"
                 (w_lo, w_hi), (b_lo, b_hi) = difference_cis(values, base)
-                welch, boot = f"{w_lo:+.0f}% .. {w_hi:+.0f}%", f"{b_lo:+.0f}% .. {b_hi:+.0f}%"
+                # fewer than 2 seeds on a side: no interval
+                welch = f"{w_lo:+.0f}% .. {w_hi:+.0f}%" if np.isfinite(w_lo) else "n/a"
+                boot = f"{b_lo:+.0f}% .. {b_hi:+.0f}%" if np.isfinite(b_lo) else "n/a"
                 cell_verdict = verdict(change, (w_lo, w_hi))
                 verdicts[variant].append(cell_verdict)
             stuck = (
