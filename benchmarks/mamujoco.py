@@ -33,6 +33,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -533,9 +534,8 @@ def default_kkt_seeds_from_w(results: Path, env_id: str, seeds: list[int]) -> li
     for seed in seeds:
         if (run_dir(results, env_id, "kkt", seed) / "progress.jsonl").exists():
             continue
-        if not load_progress(results, env_id, "kkt-nofloor", seed):
-            continue
-        if floor_bindings(results, env_id, "kkt-nofloor", [seed])[0] == 0:
+        bound, total, _ = floor_bindings(results, env_id, "kkt-nofloor", [seed])
+        if total and not bound:  # W has a run for this seed (thresholds recorded), none below the floor
             borrowed.append(seed)
     return borrowed
 
@@ -561,6 +561,16 @@ def allocation_effect(results: Path, env_id: str, variant: str, seeds: list[int]
     if not moved:
         return float("nan"), float("nan"), 0
     return float(np.median(moved)), float(np.median(gain)), len(moved)
+
+
+def _over_sources(
+    sources: dict[str, dict[str, list[int]]], read: Callable[..., dict[int, float]], *args: Any
+) -> dict[str, dict[int, float]]:
+    """``{variant: {seed: value}}``: ``read(source, seeds, *args)`` over each variant's source variants."""
+    return {
+        v: {s: r for src, ss in by_src.items() for s, r in read(src, ss, *args).items()}
+        for v, by_src in sources.items()
+    }
 
 
 def study_report(
@@ -618,23 +628,9 @@ def study_report(
                     f"{env_id} kkt: seeds {borrowed} are kkt-nofloor's runs (the default floor never bound in them: "
                     "on the host that ran them, the same updates to the bit)"
                 )
-        finals = {
-            v: {
-                s: r
-                for src, ss in sources[v].items()
-                for s, r in study_returns(results, env_id, src, ss, budget).items()
-            }
-            for v in variants
-        }
+        finals = _over_sources(sources, functools.partial(study_returns, results, env_id), budget)
         if metric == "auc" and budget is not None:
-            compared = {
-                v: {
-                    s: r
-                    for src, ss in sources[v].items()
-                    for s, r in study_auc(results, env_id, src, ss, budget, eval_every).items()
-                }
-                for v in variants
-            }
+            compared = _over_sources(sources, functools.partial(study_auc, results, env_id), budget, eval_every)
         else:
             compared = finals
         base = list(compared.get(env_baseline, {}).values())
